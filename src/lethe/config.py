@@ -1,0 +1,68 @@
+"""Config checks and instantiation with one-line errors.
+
+Hydra already rejects unknown keys and unknown group options with a clear message; this module
+adds range checks on values and unwraps errors raised inside `instantiate`, so the user sees the
+model's own one-line ConfigError instead of Hydra's wrapped traceback.
+"""
+
+import hydra
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+from lethe.errors import ConfigError, LetheError
+
+
+def instantiate(cfg, *args, **kwargs):
+    """hydra.utils.instantiate, re-raising a LetheError from the constructed object as itself."""
+    try:
+        return hydra.utils.instantiate(cfg, *args, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, LetheError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+# key -> (predicate, description of the valid range)
+_RANGE_CHECKS = {
+    "seed": (lambda v: v >= 0, "an integer >= 0"),
+    "seq_len": (lambda v: v >= 1, "an integer >= 1"),
+    "optim.lr": (lambda v: v > 0, "a number > 0"),
+    "optim.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "scheduler.warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "scheduler.min_lr": (lambda v: v >= 0, "a number >= 0"),
+    "trainer.max_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "trainer.accumulate_grad_batches": (lambda v: v >= 1, "an integer >= 1"),
+    "trainer.gradient_clip_val": (lambda v: v is None or v > 0, "a number > 0 or null"),
+    "trainer.val_check_interval": (lambda v: v is None or v > 0, "a number > 0"),
+    "trainer.log_every_n_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "data.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "data.eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "data.num_workers": (lambda v: v >= 0, "an integer >= 0"),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first key whose value is out of range."""
+    for key, (valid, description) in _RANGE_CHECKS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None and key not in ("trainer.gradient_clip_val", "trainer.val_check_interval"):
+            continue
+        try:
+            ok = valid(value)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{key}={value!r} is out of range: expected {description}")
+    warmup = OmegaConf.select(cfg, "scheduler.warmup_steps", default=0) or 0
+    if warmup >= cfg.trainer.max_steps:
+        raise ConfigError(
+            f"scheduler.warmup_steps={warmup} must be smaller than trainer.max_steps={cfg.trainer.max_steps}"
+        )
+    if cfg.get("ckpt_path"):
+        from pathlib import Path
+
+        if not Path(cfg.ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; point it at a .ckpt file such as <run>/checkpoints/last.ckpt")

@@ -1,0 +1,117 @@
+"""What Mamba and the Transformer++ share: token embedding, a stack of residual blocks, final
+RMSNorm, and an LM head tied to the embedding. Subclasses only build the blocks.
+
+Init follows mamba_ssm's `_init_weights` (itself GPT-2's): embeddings N(0, 0.02), Linear biases
+zero (except those marked `_no_reinit`, e.g. Mamba's dt bias), Linear weights PyTorch's
+kaiming-uniform default, and every projection that writes into the residual stream re-drawn
+and divided by sqrt(n_residuals_per_layer * n_layer) so the stream's variance does not grow
+with depth.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from lethe.errors import ConfigError
+from lethe.modules import RMSNorm
+
+
+# ---- config validation: one line naming `model.<key>` and the valid range ----------------------
+def require(ok: bool, key: str, value, valid: str):
+    if not ok:
+        raise ConfigError(f"model.{key}={value!r} is invalid; it must be {valid}")
+
+
+def require_int(key: str, value, minimum: int = 1):
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    require(ok, key, value, f"an integer >= {minimum}")
+
+
+def require_positive(key: str, value):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    require(ok, key, value, "a number > 0")
+
+
+def constructor_args(frame_locals: dict) -> dict:
+    """The constructor's arguments from its locals(), for `model.config` (checkpoint metadata)."""
+    return {k: v for k, v in frame_locals.items() if k not in ("self", "__class__")}
+
+
+class LanguageModel(nn.Module):
+    # names of the weights that write into the residual stream, and how many per layer
+    residual_projections: tuple[str, ...] = ()
+    n_residuals_per_layer: int = 1
+
+    def __init__(
+        self,
+        config: dict,
+        blocks: list[nn.Module],
+        vocab_size: int,
+        d_model: int,
+        norm_eps: float = 1e-5,
+        pad_vocab_multiple: int = 8,
+        max_seq_len: int | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.vocab_size = vocab_size
+        # A multiple of 8 keeps the LM-head matmul on fast tensor-core tiles; the padded rows are
+        # never targets, so training pushes their logits down.
+        self.padded_vocab_size = math.ceil(vocab_size / pad_vocab_multiple) * pad_vocab_multiple
+        self.max_seq_len = max_seq_len
+
+        self.embedding = nn.Embedding(self.padded_vocab_size, d_model)
+        self.layers = nn.ModuleList(blocks)
+        self.norm_f = RMSNorm(d_model, norm_eps)
+        self.lm_head = nn.Linear(d_model, self.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.embedding.weight  # tied
+        self._init_weights()
+
+    @staticmethod
+    def validate_common(vocab_size, d_model, n_layer, norm_eps, pad_vocab_multiple):
+        require_int("vocab_size", vocab_size)
+        require_int("d_model", d_model)
+        require_int("n_layer", n_layer)
+        require_positive("norm_eps", norm_eps)
+        require_int("pad_vocab_multiple", pad_vocab_multiple)
+
+    def _init_weights(self):
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                if not getattr(module.bias, "_no_reinit", False):
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        scale = math.sqrt(self.n_residuals_per_layer * len(self.layers))
+        for name, p in self.named_parameters():
+            if name.endswith(self.residual_projections):
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5))  # nn.Linear's default draw
+                with torch.no_grad():
+                    p.div_(scale)
+
+    def forward(self, input_ids):
+        """input_ids (batch, length) -> logits (batch, length, padded_vocab_size), float32."""
+        length = input_ids.shape[1]
+        if self.max_seq_len is not None and length > self.max_seq_len:
+            raise ConfigError(
+                f"input length {length} exceeds model.max_seq_len={self.max_seq_len}; "
+                f"raise model.max_seq_len or lower seq_len"
+            )
+        h = self.embedding(input_ids)
+        for layer in self.layers:
+            h = layer(h)
+        return self.lm_head(self.norm_f(h)).float()
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Parameters, tied embedding/head counted once; optionally without the embedding."""
+        total = sum(p.numel() for p in self.parameters())  # parameters() yields tied ones once
+        return total - self.embedding.weight.numel() if exclude_embedding else total
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay matrices (and the embedding); never decay biases, norm weights, or
+        SSM parameters marked `_no_weight_decay` (A_log, D, constant B/C)."""
+        decay, no_decay = [], []
+        for p in self.parameters():
+            skip = p.ndim < 2 or getattr(p, "_no_weight_decay", False)
+            (no_decay if skip else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,53 @@
+"""Transformer++ baseline of the Mamba paper: RoPE attention + SwiGLU MLP, RMSNorm, no biases."""
+
+import math
+
+from lethe.models.lm import LanguageModel, constructor_args, require, require_int, require_positive
+from lethe.modules import Block, CausalSelfAttention, SwiGLU
+
+
+def default_d_ff(d_model: int) -> int:
+    """8/3 * d_model (the SwiGLU width with the parameters of a 4x GELU MLP), rounded up to 64."""
+    return 64 * math.ceil(8 * d_model / 3 / 64)
+
+
+class TransformerLM(LanguageModel):
+    # attention output and MLP output both write into the residual stream
+    residual_projections = ("o_proj.weight", "down_proj.weight")
+    n_residuals_per_layer = 2
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        n_layer: int,
+        n_head: int,
+        d_ff: int | None = None,
+        max_seq_len: int = 2048,
+        rope_theta: float = 10000.0,
+        norm_eps: float = 1e-5,
+        pad_vocab_multiple: int = 8,
+        residual_in_fp32: bool = True,
+    ):
+        config = constructor_args(locals())
+        self.validate_common(vocab_size, d_model, n_layer, norm_eps, pad_vocab_multiple)
+        require_int("n_head", n_head)
+        require(d_model % n_head == 0, "n_head", n_head, f"a divisor of model.d_model={d_model}")
+        require((d_model // n_head) % 2 == 0, "n_head", n_head, "such that d_model / n_head is even (RoPE rotates pairs)")
+        if d_ff is not None:
+            require_int("d_ff", d_ff)
+        require_int("max_seq_len", max_seq_len)
+        require_positive("rope_theta", rope_theta)
+
+        d_ff = default_d_ff(d_model) if d_ff is None else d_ff
+        blocks = [
+            Block(
+                d_model,
+                CausalSelfAttention(d_model, n_head, rope_theta),
+                SwiGLU(d_model, d_ff),
+                norm_eps=norm_eps,
+                residual_in_fp32=residual_in_fp32,
+            )
+            for _ in range(n_layer)
+        ]
+        super().__init__(config, blocks, vocab_size, d_model, norm_eps, pad_vocab_multiple, max_seq_len=max_seq_len)

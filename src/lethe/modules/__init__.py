@@ -1,0 +1,9 @@
+"""Layers the language models are built from."""
+
+from lethe.modules.attention import CausalSelfAttention, apply_rope, rope_angles
+from lethe.modules.block import Block
+from lethe.modules.mamba import MambaMixer
+from lethe.modules.mlp import SwiGLU
+from lethe.modules.norm import RMSNorm
+
+__all__ = ["Block", "CausalSelfAttention", "MambaMixer", "RMSNorm", "SwiGLU", "apply_rope", "rope_angles"]

@@ -1,0 +1,93 @@
+"""Checkpoints that are never half-written, and loading a trained model back from one.
+
+Every checkpoint is self-contained: besides Lightning's state it carries the model's class and
+constructor arguments, the tokenizer's files and the corpus fingerprint, so evaluation needs
+nothing but the file.
+"""
+
+import importlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from lethe.errors import LetheError
+
+FORMAT_VERSION = 1
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary file in the same directory, fsync, then rename over the target.
+
+    A crash or a full disk mid-save leaves the previous checkpoint intact, never a torn file.
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def read_checkpoint(path) -> dict:
+    """Load a checkpoint dict, turning the usual failures into one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise LetheError(f"checkpoint {path} does not exist; pass the path of a .ckpt file (e.g. <run>/checkpoints/last.ckpt)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a truncated or foreign file
+        raise LetheError(f"checkpoint {path} could not be read ({type(exc).__name__}); it is corrupt or not a Lethe checkpoint") from None
+    meta = checkpoint.get("lethe") if isinstance(checkpoint, dict) else None
+    if meta is None:
+        raise LetheError(f"checkpoint {path} has no Lethe metadata; it was not written by lethe's train.py")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise LetheError(
+            f"checkpoint {path} has format version {meta.get('format_version')}, this Lethe reads {FORMAT_VERSION}; "
+            "evaluate it with the Lethe version that wrote it"
+        )
+    return checkpoint
+
+
+def build_model(meta: dict):
+    """Instantiate the model class recorded in checkpoint metadata with its constructor arguments."""
+    module_name, _, class_name = meta["model_target"].rpartition(".")
+    model_class = getattr(importlib.import_module(module_name), class_name)
+    return model_class(**meta["model_config"])
+
+
+def tokenizer_files(tokenizer) -> dict:
+    """The tokenizer's `save_pretrained` files as {name: bytes}, to embed in a checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+
+
+def tokenizer_from_files(files: dict):
+    """Rebuild a tokenizer from `tokenizer_files` output (no config or network needed)."""
+    from lethe.data import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, content in files.items():
+            (Path(tmp) / name).write_bytes(content)
+        return load_tokenizer(tmp)
+
+
+def load_trained_model(path):
+    """(model in eval mode with trained weights, tokenizer, metadata) from a checkpoint file."""
+    checkpoint = read_checkpoint(path)
+    meta = checkpoint["lethe"]
+    model = build_model(meta)
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    return model.eval(), tokenizer_from_files(meta["tokenizer_files"]), meta

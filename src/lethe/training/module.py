@@ -1,0 +1,116 @@
+"""The LightningModule: next-token loss, perplexity, AdamW with decay groups, warmup + cosine.
+
+The network itself (Mamba or Transformer++) is any module from `lethe.models`; this class only
+says how to train and score it.
+"""
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from lethe.errors import LetheError
+from lethe.training.checkpoint import FORMAT_VERSION
+
+
+class NonFiniteLossError(LetheError):
+    pass
+
+
+def summed_nll(model, batch):
+    """Sum of next-token negative log-likelihoods over a batch, and the number of scored tokens."""
+    logits = model(batch["input_ids"])
+    labels = batch["labels"]
+    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100)
+    return nll, (labels != -100).sum()
+
+
+class LanguageModelTask(L.LightningModule):
+    def __init__(self, model, optimizer, scheduler, tokenizer_files=None, corpus_fingerprint=None, run_config=None):
+        """model: nn.Module mapping (b, l) token ids to (b, l, vocab) logits.
+        optimizer: partial of a torch optimizer (from the `optim` config group); its
+        `weight_decay` applies to the model's decay group only.
+        scheduler: partial taking (optimizer, total_steps) (from the `scheduler` group).
+        tokenizer_files, corpus_fingerprint, run_config: stored in every checkpoint.
+        """
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.tokenizer_files = tokenizer_files
+        self.corpus_fingerprint = corpus_fingerprint
+        self.run_config = run_config
+        self._eval_sums = {}
+
+    def training_step(self, batch, batch_idx):
+        nll, tokens = summed_nll(self.model, batch)
+        loss = nll / tokens
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss became {loss.item()} at step {self.global_step}; lower optim.lr or raise "
+                "scheduler.warmup_steps, then resume from the last checkpoint with ckpt_path=<run>/checkpoints/last.ckpt"
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss.detach()))
+        return loss
+
+    # ---- evaluation: token-weighted over the whole split, summed across ranks ----------------
+    def _eval_step(self, stage, batch):
+        nll, tokens = summed_nll(self.model, batch)
+        sums = self._eval_sums.setdefault(stage, torch.zeros(2, dtype=torch.float64, device=self.device))
+        sums += torch.stack([nll.detach().double(), tokens.double()])
+
+    def _eval_epoch_end(self, stage):
+        sums = self._eval_sums.pop(stage, torch.zeros(2, dtype=torch.float64, device=self.device))
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum") if self.trainer.world_size > 1 else sums
+        if sums[1] == 0:
+            return
+        loss = (sums[0] / sums[1]).float()
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", rank_zero_only=True, sync_dist=False)
+        self.log(f"{stage}/ppl", torch.exp(loss), prog_bar=stage == "val", rank_zero_only=True, sync_dist=False)
+        self.log(f"{stage}/tokens", sums[1].float(), rank_zero_only=True, sync_dist=False)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self):
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self):
+        self._eval_epoch_end("test")
+
+    # ---- optimization ----------------------------------------------------------------------
+    def configure_optimizers(self):
+        weight_decay = self.optimizer_factory.keywords.get("weight_decay", 0.0)
+        optimizer = self.optimizer_factory(params=self.model.param_groups(weight_decay))
+        total_steps = self.trainer.max_steps
+        if total_steps is None or total_steps < 1:
+            raise LetheError("trainer.max_steps must be a positive number of optimizer steps (the schedule needs it)")
+        scheduler = self.scheduler_factory(optimizer, total_steps=total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer):
+        # Lightning calls this before clipping: the logged norm is the raw one.
+        norms = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm())
+
+    # ---- checkpoint metadata ---------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["lethe"] = {
+            "format_version": FORMAT_VERSION,
+            "model_target": f"{type(self.model).__module__}.{type(self.model).__name__}",
+            "model_config": self.model.config,
+            "num_params": self.model.num_params(),
+            "tokenizer_files": self.tokenizer_files,
+            "corpus_fingerprint": self.corpus_fingerprint,
+            "run_config": self.run_config,
+        }
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf

@@ -1,0 +1,155 @@
+"""One training run, from a composed config to metrics.json: what `train.py` executes.
+
+    data module -> tokenizer -> model -> LightningModule -> Trainer.fit -> validate/test best
+"""
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lethe.config import instantiate, validate
+from lethe.errors import ConfigError
+from lethe.training.callbacks import ThroughputMonitor, write_json_atomic
+from lethe.training.checkpoint import AtomicCheckpointIO, tokenizer_files
+from lethe.training.module import LanguageModelTask, perplexity
+
+log = logging.getLogger(__name__)
+
+
+def build_datamodule(cfg: DictConfig):
+    tokenizer = OmegaConf.to_container(cfg.tokenizer, resolve=True)
+    return instantiate(cfg.data, tokenizer=tokenizer, seq_len=cfg.seq_len, cache_dir=cfg.paths.data_dir, _recursive_=False)
+
+
+def build_model(cfg: DictConfig, vocab_size: int):
+    model = instantiate(cfg.model, vocab_size=vocab_size, _convert_="all")
+    max_len = getattr(model, "max_seq_len", None)
+    if max_len is not None and cfg.seq_len > max_len:
+        raise ConfigError(f"seq_len={cfg.seq_len} is longer than model.max_seq_len={max_len}; lower seq_len or raise model.max_seq_len")
+    return model
+
+
+def _instantiate_all(group) -> list:
+    """Instantiate every non-null entry of a dict-of-configs group (callbacks, logger)."""
+    return [instantiate(entry) for entry in (group or {}).values() if entry is not None and "_target_" in entry]
+
+
+def train(cfg: DictConfig) -> dict:
+    validate(cfg)
+    # Lightning prints through its own handler; Hydra's root handler would print each line twice.
+    logging.getLogger("lightning.pytorch").propagate = False
+    L.seed_everything(cfg.seed, workers=True)
+    started = time.perf_counter()
+    output_dir = Path(cfg.paths.output_dir)
+
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = build_model(cfg, datamodule.vocab_size)
+    if cfg.compile:
+        model.compile()
+
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    task = LanguageModelTask(
+        model,
+        optimizer=instantiate(cfg.optim),
+        scheduler=instantiate(cfg.scheduler),
+        tokenizer_files=tokenizer_files(datamodule.tokenizer),
+        corpus_fingerprint=datamodule.fingerprint,
+        run_config=run_config,
+    )
+    callbacks = _instantiate_all(cfg.callbacks)
+    loggers = _instantiate_all(cfg.logger)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    for logger in loggers:
+        logger.log_hyperparams(run_config)
+
+    if trainer.is_global_zero:
+        log.info("model %s: %s parameters", cfg.run_name, f"{model.num_params():,}")
+    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+    results = {}
+    if cfg.test_after_training and not trainer.interrupted:
+        best = _best_checkpoint(trainer)
+        results.update(_scores(trainer.validate(task, datamodule=datamodule, ckpt_path=best, verbose=False), "val"))
+        results.update(_scores(trainer.test(task, datamodule=datamodule, ckpt_path=best, verbose=False), "test"))
+
+    throughput = next((c for c in callbacks if isinstance(c, ThroughputMonitor)), None)
+    metrics = {
+        "run_name": cfg.run_name,
+        "model": cfg.model._target_.rsplit(".", 1)[-1],
+        "model_config": model.config,
+        "num_params": model.num_params(),
+        "num_params_non_embedding": model.num_params(exclude_embedding=True),
+        "steps": trainer.global_step,
+        "tokens_seen": throughput.tokens_seen if throughput else None,
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "train_time_s": round(throughput.elapsed(), 2) if throughput else None,
+        "corpus_fingerprint": datamodule.fingerprint,
+        "checkpoints": _checkpoint_paths(trainer),
+        **results,
+    }
+    if trainer.is_global_zero:
+        write_json_atomic(output_dir / "metrics.json", metrics)
+        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+        print_summary(metrics, output_dir, loggers)
+    _finish_wandb(loggers)
+    return metrics
+
+
+def _best_checkpoint(trainer):
+    ckpt = trainer.checkpoint_callback
+    if ckpt is not None and ckpt.best_model_path:
+        return ckpt.best_model_path
+    return None  # no checkpointing: score the weights in memory
+
+
+def _checkpoint_paths(trainer) -> dict:
+    ckpt = trainer.checkpoint_callback
+    if ckpt is None:
+        return {}
+    return {"best": ckpt.best_model_path or None, "last": ckpt.last_model_path or None}
+
+
+def _scores(results: list, stage: str) -> dict:
+    metrics = results[0] if results else {}
+    if f"{stage}/loss" not in metrics:
+        return {}
+    loss = float(metrics[f"{stage}/loss"])
+    return {f"{stage}_loss": loss, f"{stage}_ppl": perplexity(loss), f"{stage}_tokens": int(metrics[f"{stage}/tokens"])}
+
+
+def _finish_wandb(loggers):
+    # WandbLogger(offline=True) leaves a live run and WANDB_MODE in the environment: close the
+    # run so the next multirun job starts its own.
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish()
+
+
+def print_summary(metrics: dict, output_dir: Path, loggers) -> None:
+    lines = [
+        f"run          {metrics['run_name']} ({metrics['model']}, {metrics['num_params']:,} parameters)",
+        f"trained      {metrics['steps']} steps, {metrics['tokens_seen'] or 0:,} tokens, {metrics['wall_time_s']:.0f} s",
+    ]
+    for stage in ("val", "test"):
+        if f"{stage}_loss" in metrics:
+            lines.append(
+                f"{stage:<13}loss {metrics[f'{stage}_loss']:.4f}  perplexity {metrics[f'{stage}_ppl']:.3f}"
+                f"  ({metrics[f'{stage}_tokens']:,} tokens)"
+            )
+    ckpts = metrics["checkpoints"]
+    if ckpts.get("best"):
+        lines.append(f"checkpoint   {ckpts['best']}")
+    lines.append(f"metrics      {output_dir / 'metrics.json'}")
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            run_dir = Path(logger.experiment.dir).parent if logger.experiment else None
+            lines.append(f"wandb        {run_dir}  (upload: wandb sync {run_dir})")
+    width = max(map(len, lines))
+    print("\n" + "=" * width + "\n" + "\n".join(lines) + "\n" + "=" * width, flush=True)

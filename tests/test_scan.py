@@ -1,0 +1,187 @@
+"""Every scan implementation against the sequential reference: outputs, final state, gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lethe.errors import ConfigError
+from lethe.ops import SCAN_IMPL_CHOICES, causal_conv1d, causal_conv1d_reference, scan_reference, selective_scan
+from lethe.ops.scan_chunked import scan_chunked
+
+FAST_IMPLS = [impl for impl in SCAN_IMPL_CHOICES if impl != "reference"]
+
+
+def make_inputs(batch, channels, length, d_state, dtype=torch.float32, seed=0, delta_scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    return dict(
+        u=randn(batch, channels, length).to(dtype),
+        delta=(randn(batch, channels, length) * delta_scale - 1.0).to(dtype),
+        A=-torch.exp(randn(channels, d_state) * 0.5).to(torch.float32 if dtype != torch.float64 else dtype),
+        B=randn(batch, d_state, length).to(dtype),
+        C=randn(batch, d_state, length).to(dtype),
+        D=randn(channels).to(torch.float32 if dtype != torch.float64 else dtype),
+        z=randn(batch, channels, length).to(dtype),
+        delta_bias=(randn(channels) * 0.1).to(torch.float32 if dtype != torch.float64 else dtype),
+        initial_state=randn(batch, channels, d_state).to(torch.float32 if dtype != torch.float64 else dtype),
+    )
+
+
+def run(impl, inputs, use_z, use_bias, use_state):
+    args = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in inputs.items()}
+    if not use_z:
+        args.pop("z")
+    if not use_bias:
+        args.pop("delta_bias")
+    if not use_state:
+        args.pop("initial_state")
+    y, last = selective_scan(**args, impl=impl)
+    # a loss that weights every output and the final state, so every gradient path is exercised
+    g = torch.Generator().manual_seed(1)
+    loss = (y.float() * torch.randn(y.shape, generator=g)).sum() + (last * torch.randn(last.shape, generator=g)).sum()
+    loss.backward()
+    return y, last, {k: v.grad for k, v in args.items()}
+
+
+SHAPES = [  # (batch, channels, length, d_state): length 1, odd lengths, just past a chunk boundary
+    (1, 3, 1, 1),
+    (2, 5, 7, 4),
+    (1, 8, 17, 16),
+    (2, 4, 65, 64),
+    (3, 6, 129, 2),
+]
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("use_z,use_bias,use_state", [(True, True, True), (False, False, False), (True, False, True)])
+def test_matches_reference_fp32(impl, shape, use_z, use_bias, use_state):
+    inputs = make_inputs(*shape, seed=sum(shape))
+    y_ref, last_ref, grads_ref = run("reference", inputs, use_z, use_bias, use_state)
+    y, last, grads = run(impl, inputs, use_z, use_bias, use_state)
+    torch.testing.assert_close(y, y_ref, rtol=6e-4, atol=2e-3)
+    torch.testing.assert_close(last, last_ref, rtol=6e-4, atol=2e-3)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=6e-4, atol=2e-3, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.bfloat16, 3e-2, 5e-2), (torch.float16, 3e-3, 5e-3)])
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_half_precision_inputs_compute_in_fp32(impl, dtype, rtol, atol):
+    inputs = make_inputs(2, 6, 40, 8, dtype=dtype, seed=3)
+    y_ref, last_ref, grads_ref = run("reference", inputs, True, True, True)
+    y, last, grads = run(impl, inputs, True, True, True)
+    assert y.dtype == dtype and last.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(last, last_ref, rtol=rtol, atol=atol)
+    # the same half inputs upcast to fp32 give the fp32 answer: the math never ran in half
+    fp32 = {k: v.float() for k, v in inputs.items()}
+    y32, _, _ = run("reference", fp32, True, True, True)
+    torch.testing.assert_close(y.float(), y32, rtol=rtol, atol=atol)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=rtol, atol=atol, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 1, 2), (1, 3, 9, 3), (2, 2, 33, 2)])
+def test_chunked_gradcheck_float64(shape):
+    inputs = make_inputs(*shape, dtype=torch.float64, seed=7)
+    args = [inputs[k].clone().requires_grad_() for k in ("u", "delta", "A", "B", "C", "initial_state")]
+    args[1] = F.softplus(args[1].detach()).requires_grad_()  # the raw recurrence takes delta > 0
+    assert torch.autograd.gradcheck(scan_chunked, args)
+    assert torch.autograd.gradcheck(lambda *a: scan_chunked(*a, None), args[:5])
+
+
+def test_gradcheck_full_op_float64():
+    inputs = make_inputs(1, 2, 11, 3, dtype=torch.float64, seed=11)
+    names = list(inputs)
+    tensors = [inputs[k].clone().requires_grad_() for k in names]
+    assert torch.autograd.gradcheck(lambda *t: selective_scan(**dict(zip(names, t)), impl="chunked"), tensors)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_stable_for_long_sequences_and_extreme_delta(impl):
+    # Large deltas make cumulative decays underflow; a positive-cumsum formulation would give inf/nan.
+    inputs = make_inputs(1, 4, 3000, 16, seed=5, delta_scale=6.0)
+    inputs["A"] = inputs["A"] * 20
+    y_ref, last_ref, _ = run("reference", inputs, True, True, True)
+    y, last, grads = run(impl, inputs, True, True, True)
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads.values())
+    torch.testing.assert_close(y, y_ref, rtol=6e-4, atol=2e-3)
+    torch.testing.assert_close(last, last_ref, rtol=6e-4, atol=2e-3)
+
+
+def test_state_carries_across_segments():
+    """Scanning [first; second] equals scanning first, then second from first's final state."""
+    inputs = make_inputs(2, 4, 50, 8, seed=9)
+    whole, last_whole = selective_scan(**{k: v for k, v in inputs.items() if k != "initial_state"}, impl="chunked")
+    split = {k: v for k, v in inputs.items() if k not in ("initial_state",)}
+    first = {k: (v[..., :20] if v.dim() == 3 else v) for k, v in split.items()}
+    second = {k: (v[..., 20:] if v.dim() == 3 else v) for k, v in split.items()}
+    y1, state = selective_scan(**first, impl="chunked")
+    y2, last = selective_scan(**second, initial_state=state, impl="chunked")
+    torch.testing.assert_close(torch.cat([y1, y2], -1), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, last_whole, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_saves_nothing_of_size_batch_channels_length_state():
+    b, d, l, n = 2, 16, 64, 8
+    inputs = make_inputs(b, d, l, n, seed=2)
+    args = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    saved_numels = []
+
+    def pack(t):
+        saved_numels.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, _ = selective_scan(**args, impl="chunked")
+    assert saved_numels and max(saved_numels) <= b * d * l
+    # the reference, by contrast, keeps per-step states: sanity check that the hook sees them
+    saved_numels.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        selective_scan(**args, impl="reference")
+    assert sum(saved_numels) >= b * d * l * n
+
+
+def test_unknown_impl_and_bad_shapes_are_one_line_errors():
+    inputs = make_inputs(1, 2, 5, 3)
+    with pytest.raises(ConfigError, match="model.scan_impl='fast'"):
+        selective_scan(**inputs, impl="fast")
+    inputs["B"] = inputs["B"][:, :, :4]
+    with pytest.raises(ValueError, match=r"B has shape \(1, 3, 4\), expected \(1, 3, 5\)"):
+        selective_scan(**inputs, impl="chunked")
+
+
+def test_reference_matches_closed_form_lti():
+    """With constant delta, B, C the recurrence is a convolution with kernel C * exp(delta A)^k * delta B."""
+    b, d, l, n = 1, 2, 12, 3
+    g = torch.Generator().manual_seed(4)
+    u = torch.randn(b, d, l, generator=g, dtype=torch.float64)
+    delta = torch.full((b, d, l), 0.3, dtype=torch.float64)
+    A = -torch.rand(d, n, generator=g, dtype=torch.float64)
+    Bv, Cv = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+    y, _ = scan_reference(u, delta, A, Bv[None, :, None].expand(b, n, l), Cv[None, :, None].expand(b, n, l))
+    kernel = torch.stack([(Cv * torch.exp(0.3 * A * k) * 0.3 * Bv).sum(-1) for k in range(l)], -1)  # (d, l)
+    expected = torch.stack(
+        [sum(kernel[:, k] * u[0, :, t - k] for k in range(t + 1)) for t in range(l)], -1
+    )[None]
+    torch.testing.assert_close(y, expected)
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_causal_conv1d_matches_reference(activation):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 13, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(causal_conv1d(x, w, bias, activation), causal_conv1d_reference(x, w, bias, activation))
+    assert torch.autograd.gradcheck(lambda *a: causal_conv1d(*a, activation=activation), (x, w, bias))
+    # causal: output t does not depend on inputs after t
+    x2 = x.detach().clone()
+    x2[..., 7] += 1.0
+    out1, out2 = causal_conv1d(x.detach(), w.detach()), causal_conv1d(x2, w.detach())
+    assert torch.equal(out1[..., :7], out2[..., :7]) and not torch.equal(out1[..., 7:], out2[..., 7:])

@@ -1,0 +1,145 @@
+"""The training pieces on their own: schedule, atomic checkpoints, NaN guard, config composition."""
+
+import math
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from lethe.config import instantiate
+from lethe.errors import LetheError
+from lethe.training.checkpoint import AtomicCheckpointIO, read_checkpoint
+from lethe.training.module import LanguageModelTask, NonFiniteLossError, summed_nll
+from lethe.training.schedule import warmup_cosine
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_train(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # so ${hydra:...} interpolations resolve
+    with open_dict(cfg):
+        cfg.paths.output_dir = "/tmp/lethe-test-out"
+    return cfg
+
+
+def test_schedule_warmup_then_cosine_to_floor():
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    sched = warmup_cosine(opt, total_steps=110, warmup_steps=10, min_lr=1e-4)
+    lrs = []
+    for _ in range(110):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-3) and lrs[9] == pytest.approx(1e-2)
+    # halfway through the decay the cosine is at the midpoint between peak and floor
+    assert lrs[60] == pytest.approx(1e-4 + (1e-2 - 1e-4) * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_atomic_checkpoint_never_leaves_a_torn_file(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, target)
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        io.save_checkpoint({"step": 2}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=False) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path):
+    with pytest.raises(LetheError, match="does not exist"):
+        read_checkpoint(tmp_path / "missing.ckpt")
+    (tmp_path / "corrupt.ckpt").write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(LetheError, match="corrupt"):
+        read_checkpoint(tmp_path / "corrupt.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
+    with pytest.raises(LetheError, match="not written by lethe"):
+        read_checkpoint(tmp_path / "foreign.ckpt")
+    torch.save({"lethe": {"format_version": 999}}, tmp_path / "future.ckpt")
+    with pytest.raises(LetheError, match="format version 999"):
+        read_checkpoint(tmp_path / "future.ckpt")
+
+
+class NaNModel(torch.nn.Module):
+    def forward(self, ids):
+        return torch.full((*ids.shape, 8), float("nan"))
+
+
+def test_nan_loss_stops_with_a_clear_message():
+    task = LanguageModelTask(NaNModel(), optimizer=None, scheduler=None)
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": torch.zeros(2, 4, dtype=torch.long)}
+    with pytest.raises(NonFiniteLossError, match="lower optim.lr.*ckpt_path"):
+        task.training_step(batch, 0)
+
+
+def test_summed_nll_is_the_token_sum_of_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g)
+    labels = torch.randint(0, 7, (2, 5), generator=g)
+    nll, tokens = summed_nll(lambda ids: logits, {"input_ids": labels, "labels": labels})
+    expected = -sum(torch.log_softmax(logits[b, t], -1)[labels[b, t]] for b in range(2) for t in range(5))
+    assert tokens == 10 and nll.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_optimizer_groups_follow_the_models_decay_split():
+    cfg = compose_train("model=mamba-tiny")
+    model = instantiate(cfg.model, vocab_size=257)
+    task = LanguageModelTask(model, optimizer=instantiate(cfg.optim), scheduler=instantiate(cfg.scheduler))
+    task.trainer = type("T", (), {"max_steps": 100})()  # configure_optimizers reads max_steps only
+    opt = task.configure_optimizers()["optimizer"]
+    decays = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert decays[id(names[next(n for n in names if n.endswith("A_log"))])] == 0.0
+    assert decays[id(names[next(n for n in names if n.endswith("in_proj.weight"))])] == cfg.optim.weight_decay
+    assert len(decays) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_every_model_config_composes_and_builds(model):
+    cfg = compose_train(f"model={model}")
+    with torch.device("meta"):
+        net = instantiate(cfg.model, vocab_size=50280)
+    assert net.num_params() > 0
+
+
+@pytest.mark.parametrize("data", options("data"))
+@pytest.mark.parametrize("tokenizer", options("tokenizer"))
+def test_every_data_and_tokenizer_config_composes(data, tokenizer):
+    cfg = compose_train(f"data={data}", f"tokenizer={tokenizer}")
+    assert cfg.data._target_ == "lethe.data.LMDataModule" and cfg.data.source.kind in ("stdlib", "hub", "local")
+    assert cfg.tokenizer.kind in ("byte", "bpe", "pretrained")
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_every_trainer_config_composes(trainer):
+    cfg = compose_train(f"trainer={trainer}")
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    if cfg.trainer.accelerator == "cpu":  # GPU trainers cannot be built on a CPU machine
+        built = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
+        assert built.max_steps == cfg.trainer.max_steps
+
+
+@pytest.mark.parametrize("logger", options("logger"))
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_loggers_and_experiments_compose(logger, experiment):
+    cfg = compose_train(f"logger={logger}", f"experiment={experiment}")
+    for entry in (cfg.logger or {}).values():
+        assert entry._target_.startswith("lightning.pytorch.loggers.")
