@@ -150,6 +150,7 @@ def print_summary(metrics: dict, output_dir: Path, loggers) -> None:
     for logger in loggers:
         if type(logger).__name__ == "WandbLogger":
             run_dir = Path(logger.experiment.dir).parent if logger.experiment else None
-            lines.append(f"wandb        {run_dir}  (upload: wandb sync {run_dir})")
-    width = max(map(len, lines))
+            lines.append(f"wandb        {run_dir}")
+            lines.append(f"             upload it with: wandb sync {run_dir}")
+    width = min(100, max(map(len, lines)))
     print("\n" + "=" * width + "\n" + "\n".join(lines) + "\n" + "=" * width, flush=True)
