@@ -99,6 +99,7 @@ def test_training_run_learns_and_writes_everything(trained_run):
     assert abs(metrics["test_ppl"] - torch.exp(torch.tensor(metrics["test_loss"])).item()) < 1e-3 * metrics["test_ppl"]
     assert metrics["steps"] == 80 and metrics["tokens_seen"] == 80 * 8 * 128
     assert metrics["num_params"] > 0 and metrics["corpus_fingerprint"]
+    assert 0 < metrics["train_time_s"] < metrics["wall_time_s"]  # not re-counted by the final validate/test
     assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "config.yaml").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
     assert "val loss" in proc.stdout and "perplexity" in proc.stdout and "metrics.json" in proc.stdout

@@ -17,6 +17,7 @@ class ThroughputMonitor(L.Callback):
     """
 
     def __init__(self):
+        self.summary = {}  # frozen at the end of fit: later validate/test restore older states
         self.tokens_seen = 0
         self._window_tokens = 0
         self._window_start = None
@@ -38,6 +39,9 @@ class ThroughputMonitor(L.Callback):
         pl_module.log("train/elapsed_s", self.elapsed())
         pl_module.log("train/peak_mem_mb", peak_memory_mb(pl_module.device))
         self._window_tokens, self._window_start = 0, now
+
+    def on_train_end(self, trainer, pl_module):
+        self.summary = {"tokens_seen": self.tokens_seen, "train_time_s": round(self.elapsed(), 2)}
 
     def elapsed(self) -> float:
         now = time.perf_counter()
