@@ -155,7 +155,7 @@ def test_multirun_gives_each_job_its_own_dir(tmp_path, data_dir):
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path, data_dir):
     run_dir = tmp_path / "run"
-    proc = train(run_dir, data_dir, "trainer=ddp", "trainer.max_steps=6", "trainer.val_check_interval=3",
+    proc = train(run_dir, data_dir, "trainer=ddp", "logger=none", "trainer.max_steps=6", "trainer.val_check_interval=3",
                  "trainer.limit_val_batches=2", "scheduler.warmup_steps=1", timeout=300)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["tokens_seen"] == 6 * 4 * 64 * 2, metrics

@@ -53,6 +53,7 @@ class LanguageModelTask(L.LightningModule):
             )
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach()))
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     # ---- evaluation: token-weighted over the whole split, summed across ranks ----------------
