@@ -29,6 +29,8 @@ def score_checkpoint(cfg: DictConfig) -> dict:
     run = meta["run_config"]
     if cfg.split not in ("train", "val", "test"):
         raise ConfigError(f"split={cfg.split!r}; choose train, val or test")
+    if cfg.batch_size < 1 or (cfg.max_batches is not None and cfg.max_batches < 1):
+        raise ConfigError(f"batch_size={cfg.batch_size} and max_batches={cfg.max_batches} must be >= 1 (max_batches may be null)")
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         # The checkpoint's own tokenizer, loaded from its files: eval never re-trains or downloads one.
         tokenizer.save_pretrained(tokenizer_dir)

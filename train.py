@@ -19,13 +19,22 @@ os.environ.setdefault("LETHE_ROOT", str(ROOT))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from lethe.errors import LetheError
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from lethe.errors import ConfigError, LetheError
     from lethe.training.run import train
 
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
+        if multirun and cfg.trainer.devices not in (1, "1"):
+            # Lightning starts DDP ranks by re-running sys.argv, which cannot nest inside a sweep.
+            raise ConfigError(f"trainer.devices={cfg.trainer.devices} inside a multirun (-m); run each sweep job on one device")
         metrics = train(cfg)
     except LetheError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        if multirun:  # a failed trial is recorded as failed; the sweep goes on
+            return float("nan")
         sys.exit(2)
     return metrics.get("val_loss")  # the objective for Hydra sweepers
 

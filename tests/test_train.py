@@ -66,6 +66,9 @@ def test_unknown_keys_and_options_fail_with_hydras_message(override, expected):
     ("optim.lr=-1", "optim.lr"),
     ("trainer.max_steps=0", "trainer.max_steps"),
     ("ckpt_path=/nonexistent/last.ckpt", "ckpt_path"),
+    ("trainer.max_steps=15", "trainer.max_steps"),  # the last 5 steps would never be validated or saved
+    ("trainer.val_check_interval=0.5", "trainer.val_check_interval"),
+    ("trainer.accumulate_grad_batches=3", "trainer.val_check_interval"),  # checkpoints mid-accumulation
 ])
 def test_out_of_range_values_fail_in_one_line(tmp_path, data_dir, override, key):
     proc = train(tmp_path / "run", data_dir, override, check=False)
@@ -101,6 +104,7 @@ def test_training_run_learns_and_writes_everything(trained_run):
     assert metrics["num_params"] > 0 and metrics["corpus_fingerprint"]
     assert 0 < metrics["train_time_s"] < metrics["wall_time_s"]  # not re-counted by the final validate/test
     assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert metrics["checkpoints"]["last"] == str(run_dir / "checkpoints" / "last.ckpt")
     assert (run_dir / "config.yaml").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
     assert "val loss" in proc.stdout and "perplexity" in proc.stdout and "metrics.json" in proc.stdout
     losses = train_losses(run_dir)
@@ -138,6 +142,9 @@ def test_resume_continues_the_same_loss_curve(tmp_path, data_dir):
     assert later and sorted(resumed) == later
     for step in later:
         assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-6), step
+    # resuming into a different architecture is refused in one line, before any training
+    proc = train(tmp_path / "wrong", data_dir, *mid, "model=transformer-tiny", f"ckpt_path={ckpt}", check=False)
+    assert proc.returncode == 2 and "differs from the configured model" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
@@ -150,6 +157,16 @@ def test_multirun_gives_each_job_its_own_dir(tmp_path, data_dir):
     assert len(runs) == 4 and len({r.name for r in runs}) == 4
     configs = {(json.loads((r / "metrics.json").read_text())["model"], (r / "config.yaml").read_text().count("lr: 0.001")) for r in runs}
     assert {model for model, _ in configs} == {"MambaLM", "TransformerLM"}
+
+
+@pytest.mark.slow
+def test_a_failing_multirun_job_does_not_stop_the_sweep(tmp_path, data_dir):
+    sweep = tmp_path / "sweep"
+    proc = run_script("train.py", "-m", *SMOKE, f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}", "seq_len=0,32",
+                      "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+                      "scheduler.warmup_steps=1")
+    assert "error: seq_len=0 is out of range" in proc.stderr
+    assert len(list(sweep.rglob("metrics.json"))) == 1
 
 
 @pytest.mark.slow

@@ -5,6 +5,8 @@ adds range checks on values and unwraps errors raised inside `instantiate`, so t
 model's own one-line ConfigError instead of Hydra's wrapped traceback.
 """
 
+from pathlib import Path
+
 import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
@@ -36,7 +38,8 @@ _RANGE_CHECKS = {
     "trainer.max_steps": (lambda v: v >= 1, "an integer >= 1"),
     "trainer.accumulate_grad_batches": (lambda v: v >= 1, "an integer >= 1"),
     "trainer.gradient_clip_val": (lambda v: v is None or v > 0, "a number > 0 or null"),
-    "trainer.val_check_interval": (lambda v: v is None or v > 0, "a number > 0"),
+    # the training stream is endless, so validation is placed by batch count, never by epoch fraction
+    "trainer.val_check_interval": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1 (training batches)"),
     "trainer.log_every_n_steps": (lambda v: v >= 1, "an integer >= 1"),
     "data.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "data.eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
@@ -48,7 +51,7 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key whose value is out of range."""
     for key, (valid, description) in _RANGE_CHECKS.items():
         value = OmegaConf.select(cfg, key, default=None)
-        if value is None and key not in ("trainer.gradient_clip_val", "trainer.val_check_interval"):
+        if value is None and key != "trainer.val_check_interval":
             continue
         try:
             ok = valid(value)
@@ -61,8 +64,18 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"scheduler.warmup_steps={warmup} must be smaller than trainer.max_steps={cfg.trainer.max_steps}"
         )
-    if cfg.get("ckpt_path"):
-        from pathlib import Path
-
-        if not Path(cfg.ckpt_path).is_file():
-            raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; point it at a .ckpt file such as <run>/checkpoints/last.ckpt")
+    # Checkpoints are written after each validation: validating on optimizer-step boundaries and at
+    # the very last step means every checkpoint resumes exactly and the final weights are saved.
+    interval, accumulate = cfg.trainer.val_check_interval, cfg.trainer.accumulate_grad_batches
+    if interval % accumulate:
+        raise ConfigError(
+            f"trainer.val_check_interval={interval} must be a multiple of trainer.accumulate_grad_batches={accumulate} "
+            "(validate and checkpoint between optimizer steps)"
+        )
+    if (cfg.trainer.max_steps * accumulate) % interval:
+        raise ConfigError(
+            f"trainer.max_steps={cfg.trainer.max_steps} x accumulate_grad_batches={accumulate} batches is not a multiple of "
+            f"trainer.val_check_interval={interval}; choose them so the last step is validated and checkpointed"
+        )
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; point it at a .ckpt file such as <run>/checkpoints/last.ckpt")

@@ -6,7 +6,8 @@ from pathlib import Path
 from lethe.errors import LetheError
 
 COLUMNS = [
-    ("run", lambda m: m["run_name"]),
+    ("run", lambda m: Path(m["run_dir"]).name),  # unique within a sweep, unlike the model name
+    ("model", lambda m: m["model"]),
     ("params", lambda m: f"{m['num_params'] / 1e6:.2f}M"),
     ("steps", lambda m: str(m["steps"])),
     ("tokens", lambda m: f"{(m.get('tokens_seen') or 0) / 1e6:.2f}M"),

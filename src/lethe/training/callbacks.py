@@ -31,7 +31,8 @@ class ThroughputMonitor(L.Callback):
         tokens = batch["input_ids"].numel() * trainer.world_size
         self.tokens_seen += tokens
         self._window_tokens += tokens
-        if not trainer._logger_connector.should_update_logs:  # Lightning's own log_every_n_steps cadence
+        step_done = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if not (step_done and trainer._logger_connector.should_update_logs):  # log_every_n_steps cadence
             return
         now = time.perf_counter()
         pl_module.log("train/tokens_per_s", self._window_tokens / max(now - self._window_start, 1e-9), prog_bar=True)
@@ -39,6 +40,10 @@ class ThroughputMonitor(L.Callback):
         pl_module.log("train/elapsed_s", self.elapsed())
         pl_module.log("train/peak_mem_mb", peak_memory_mb(pl_module.device))
         self._window_tokens, self._window_start = 0, now
+
+    def on_validation_end(self, trainer, pl_module):
+        # validation time is not training throughput: start a fresh window
+        self._window_tokens, self._window_start = 0, time.perf_counter()
 
     def on_train_end(self, trainer, pl_module):
         self.summary = {"tokens_seen": self.tokens_seen, "train_time_s": round(self.elapsed(), 2)}

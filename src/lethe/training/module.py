@@ -48,8 +48,9 @@ class LanguageModelTask(L.LightningModule):
         loss = nll / tokens
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"training loss became {loss.item()} at step {self.global_step}; lower optim.lr or raise "
-                "scheduler.warmup_steps, then resume from the last checkpoint with ckpt_path=<run>/checkpoints/last.ckpt"
+                f"training loss became {loss.item()} at step {self.global_step}; the last good weights are in "
+                "<run>/checkpoints/last.ckpt; start again with a lower optim.lr or a longer scheduler.warmup_steps "
+                "(a resumed run keeps its saved optimizer and schedule)"
             )
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach()))
@@ -68,9 +69,12 @@ class LanguageModelTask(L.LightningModule):
         if sums[1] == 0:
             return
         loss = (sums[0] / sums[1]).float()
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", rank_zero_only=True, sync_dist=False)
-        self.log(f"{stage}/ppl", torch.exp(loss), prog_bar=stage == "val", rank_zero_only=True, sync_dist=False)
-        self.log(f"{stage}/tokens", sums[1].float(), rank_zero_only=True, sync_dist=False)
+        # Re-scoring the best checkpoint after fit must not add a false last point to the val curve.
+        to_logger = stage != "val" or self.trainer.state.fn == "fit"
+        options = dict(rank_zero_only=True, sync_dist=False, logger=to_logger)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", **options)
+        self.log(f"{stage}/ppl", torch.exp(loss), prog_bar=stage == "val", **options)
+        self.log(f"{stage}/tokens", sums[1].float(), **options)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step("val", batch)

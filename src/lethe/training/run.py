@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from lethe.config import instantiate, validate
 from lethe.errors import ConfigError
 from lethe.training.callbacks import ThroughputMonitor, write_json_atomic
-from lethe.training.checkpoint import AtomicCheckpointIO, tokenizer_files
+from lethe.training.checkpoint import AtomicCheckpointIO, read_checkpoint, tokenizer_files
 from lethe.training.module import LanguageModelTask, perplexity
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,19 @@ def build_model(cfg: DictConfig, vocab_size: int):
     if max_len is not None and cfg.seq_len > max_len:
         raise ConfigError(f"seq_len={cfg.seq_len} is longer than model.max_seq_len={max_len}; lower seq_len or raise model.max_seq_len")
     return model
+
+
+def check_resumable(ckpt_path, model) -> None:
+    """The checkpoint must be Lethe's and hold the same architecture as the configured model."""
+    meta = read_checkpoint(ckpt_path)["lethe"]
+    target = f"{type(model).__module__}.{type(model).__name__}"
+    if meta["model_target"] != target or meta["model_config"] != model.config:
+        changed = sorted(k for k in set(meta["model_config"]) | set(model.config)
+                         if meta["model_config"].get(k) != model.config.get(k))
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} holds a {meta['model_target'].rsplit('.', 1)[-1]} that differs from the configured model "
+            f"(differs in: {', '.join(changed) or 'class'}); resume with the run's own model overrides"
+        )
 
 
 def _instantiate_all(group) -> list:
@@ -50,6 +63,8 @@ def train(cfg: DictConfig) -> dict:
     datamodule.prepare_data()
     datamodule.setup("fit")
     model = build_model(cfg, datamodule.vocab_size)
+    if cfg.ckpt_path:
+        check_resumable(cfg.ckpt_path, model)
     if cfg.compile:
         model.compile()
 
@@ -71,12 +86,16 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         log.info("model %s: %s parameters", cfg.run_name, f"{model.num_params():,}")
     trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    checkpoints = _checkpoint_paths(trainer)  # before validate/test restore an older callback state
 
     results = {}
     if cfg.test_after_training and not trainer.interrupted:
         best = _best_checkpoint(trainer)
-        results.update(_scores(trainer.validate(task, datamodule=datamodule, ckpt_path=best, verbose=False), "val"))
-        results.update(_scores(trainer.test(task, datamodule=datamodule, ckpt_path=best, verbose=False), "test"))
+        # callback_metrics, not the returned dicts: the final val score is kept out of the loggers
+        trainer.validate(task, datamodule=datamodule, ckpt_path=best, verbose=False)
+        results.update(_scores(trainer.callback_metrics, "val"))
+        trainer.test(task, datamodule=datamodule, ckpt_path=best, verbose=False)
+        results.update(_scores(trainer.callback_metrics, "test"))
 
     throughput = next((c for c in callbacks if isinstance(c, ThroughputMonitor)), None)
     metrics = {
@@ -90,7 +109,7 @@ def train(cfg: DictConfig) -> dict:
         "wall_time_s": round(time.perf_counter() - started, 2),
         "train_time_s": throughput.summary.get("train_time_s") if throughput else None,
         "corpus_fingerprint": datamodule.fingerprint,
-        "checkpoints": _checkpoint_paths(trainer),
+        "checkpoints": checkpoints,
         **results,
     }
     if trainer.is_global_zero:
@@ -115,8 +134,7 @@ def _checkpoint_paths(trainer) -> dict:
     return {"best": ckpt.best_model_path or None, "last": ckpt.last_model_path or None}
 
 
-def _scores(results: list, stage: str) -> dict:
-    metrics = results[0] if results else {}
+def _scores(metrics: dict, stage: str) -> dict:
     if f"{stage}/loss" not in metrics:
         return {}
     loss = float(metrics[f"{stage}/loss"])
