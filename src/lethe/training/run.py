@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lethe.config import instantiate, validate
-from lethe.errors import ConfigError
+from lethe.errors import ConfigError, DataError
 from lethe.training.callbacks import ThroughputMonitor, write_json_atomic
 from lethe.training.checkpoint import AtomicCheckpointIO, read_checkpoint, tokenizer_files
 from lethe.training.module import LanguageModelTask, perplexity
@@ -80,6 +80,10 @@ def train(cfg: DictConfig) -> dict:
     callbacks = _instantiate_all(cfg.callbacks)
     loggers = _instantiate_all(cfg.logger)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    for split in ("val", "test"):  # an empty shard would leave the other ranks waiting in the loss all-reduce
+        if datamodule.num_blocks(split) < trainer.world_size:
+            raise DataError(f"the {split} split has {datamodule.num_blocks(split)} blocks, fewer than the "
+                            f"{trainer.world_size} processes; lower seq_len or trainer.devices, or add data")
     for logger in loggers:
         logger.log_hyperparams(run_config)
 
