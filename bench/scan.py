@@ -11,7 +11,6 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 from lethe.ops import SCAN_IMPL_CHOICES, selective_scan
 

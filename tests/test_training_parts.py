@@ -1,7 +1,6 @@
 """The training pieces on their own: schedule, atomic checkpoints, NaN guard, config composition."""
 
 import math
-from functools import partial
 from pathlib import Path
 
 import pytest

@@ -5,7 +5,6 @@ The residual stream is kept in fp32 (as in the Mamba paper) so that hundreds of 
 updates under autocast do not round away.
 """
 
-import torch
 from torch import nn
 
 from lethe.modules.norm import RMSNorm

@@ -5,7 +5,6 @@ F.conv1d everywhere for now; the kernel issue routes CUDA tensors to the optiona
 `causal-conv1d` package.
 """
 
-import torch
 import torch.nn.functional as F
 
 

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lethe.config import instantiate, validate
@@ -94,7 +93,7 @@ def train(cfg: DictConfig) -> dict:
 
     results = {}
     if cfg.test_after_training and not trainer.interrupted:
-        best = _best_checkpoint(trainer)
+        best = checkpoints.get("best")  # None without checkpointing: score the weights in memory
         # callback_metrics, not the returned dicts: the final val score is kept out of the loggers
         trainer.validate(task, datamodule=datamodule, ckpt_path=best, verbose=False)
         results.update(_scores(trainer.callback_metrics, "val"))
@@ -122,13 +121,6 @@ def train(cfg: DictConfig) -> dict:
         print_summary(metrics, output_dir, loggers)
     _finish_wandb(loggers)
     return metrics
-
-
-def _best_checkpoint(trainer):
-    ckpt = trainer.checkpoint_callback
-    if ckpt is not None and ckpt.best_model_path:
-        return ckpt.best_model_path
-    return None  # no checkpointing: score the weights in memory
 
 
 def _checkpoint_paths(trainer) -> dict:
