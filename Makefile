@@ -8,10 +8,10 @@ PYTEST_ARGS ?=
 COMPARE_DIR := logs/compare/$(shell date +%Y-%m-%d_%H-%M-%S)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-gpu eval compare sweep bench clean distclean
+.PHONY: help install train test test-gpu eval generate export import compare sweep bench bench-generate clean distclean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 	@echo "  pass Hydra overrides with ARGS=\"model=transformer-tiny optim.lr=1e-3\""
 
 install: $(STAMP) ## create .venv and install lethe with its dev extra (quick when nothing changed)
@@ -33,6 +33,15 @@ test-gpu: install ## run only the tests that need a CUDA GPU
 eval: install ## score a checkpoint: make eval ARGS="ckpt=logs/train/runs/<run>/checkpoints/best.ckpt"
 	$(PYTHON) eval.py $(ARGS)
 
+generate: install ## sample text: make generate ARGS="ckpt=<run>/checkpoints/best.ckpt max_new_tokens=300"
+	$(PYTHON) generate.py $(ARGS)
+
+export: install ## Lethe checkpoint -> transformers dir: make export CKPT=<run>/checkpoints/best.ckpt OUT=hf/<name>
+	$(PYTHON) -m lethe.interop export $(CKPT) $(OUT) $(ARGS)
+
+import: install ## transformers dir -> Lethe checkpoint: make import HF=<local model dir> OUT=<file.ckpt>
+	$(PYTHON) -m lethe.interop import $(HF) $(OUT) $(ARGS)
+
 compare: install ## train mamba-tiny and the parameter-matched transformer-tiny, print both side by side
 	$(PYTHON) train.py -m model=mamba-tiny,transformer-tiny task_name=compare hydra.sweep.dir=$(COMPARE_DIR) $(ARGS)
 	$(PYTHON) eval.py runs=$(COMPARE_DIR)
@@ -42,6 +51,9 @@ sweep: install ## a learning-rate sweep over both tiny models (Hydra multirun)
 
 bench: install ## scan speed: chunked vs the sequential reference
 	$(PYTHON) bench/scan.py $(ARGS)
+
+bench-generate: install ## decoding speed and memory: Mamba's state vs the Transformer's KV cache
+	$(PYTHON) bench/generate.py $(ARGS)
 
 clean: ## remove caches (tokenized data, __pycache__, pytest); keeps runs in logs/
 	find data -mindepth 1 -maxdepth 1 ! -name README.md ! -name .gitignore -exec rm -rf {} +

@@ -1,6 +1,7 @@
 """Score checkpoints and compare runs.
 
     python eval.py ckpt=logs/train/runs/<run>/checkpoints/best.ckpt [split=val]
+    python eval.py ckpt=imported.ckpt data=local data.source.path='corpus/*.txt' seq_len=1024
     python eval.py runs=logs/compare/<time>         # a table of every run below the directory
 """
 
@@ -10,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("LETHE_ROOT", str(ROOT))
@@ -26,7 +27,15 @@ def score_checkpoint(cfg: DictConfig) -> dict:
     from lethe.training.module import perplexity, summed_nll
 
     model, tokenizer, meta = load_trained_model(cfg.ckpt)
-    run = meta["run_config"]
+    # Data and block length from the command line, else the training run's own. An imported
+    # checkpoint (python -m lethe.interop import) has no run, so both must be named.
+    run = meta["run_config"] or {}
+    data = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else run.get("data")
+    seq_len = cfg.seq_len or run.get("seq_len")
+    if data is None or seq_len is None:
+        missing = " and ".join(key for key, value in (("data", data), ("seq_len", seq_len)) if value is None)
+        raise ConfigError(f"checkpoint {cfg.ckpt} has no training run to take the {missing} from; name them, "
+                          "e.g. data=local data.source.path='corpus/*.txt' seq_len=1024")
     if cfg.split not in ("train", "val", "test"):
         raise ConfigError(f"split={cfg.split!r}; choose train, val or test")
     if cfg.batch_size < 1 or (cfg.max_batches is not None and cfg.max_batches < 1):
@@ -35,14 +44,14 @@ def score_checkpoint(cfg: DictConfig) -> dict:
         # The checkpoint's own tokenizer, loaded from its files: eval never re-trains or downloads one.
         tokenizer.save_pretrained(tokenizer_dir)
         datamodule = instantiate(
-            {**run["data"], "eval_batch_size": cfg.batch_size},
+            {**data, "eval_batch_size": cfg.batch_size},
             tokenizer={"kind": "pretrained", "name": tokenizer_dir},
-            seq_len=run["seq_len"],
+            seq_len=seq_len,
             cache_dir=cfg.paths.data_dir,
             _recursive_=False,
         )
         datamodule.setup()
-    if datamodule.fingerprint != meta["corpus_fingerprint"]:
+    if not cfg.get("data") and datamodule.fingerprint != meta["corpus_fingerprint"]:
         print(f"warning: corpus fingerprint {datamodule.fingerprint} differs from the run's {meta['corpus_fingerprint']}", file=sys.stderr)
     loader = datamodule.eval_dataloader(cfg.split)
     total_nll, total_tokens = 0.0, 0

@@ -157,7 +157,7 @@ def impulse_response_conv(mixer, x):
     length = x.shape[-1]
     impulse = torch.zeros(1, x.shape[1], length, dtype=x.dtype)
     impulse[..., 0] = 1
-    kernel = mixer.ssm(impulse)[0]  # (d_inner, length)
+    kernel = mixer.ssm(impulse)[0][0]  # (d_inner, length)
     return torch.stack([(kernel[:, : t + 1].flip(-1) * x[..., : t + 1]).sum(-1) for t in range(length)], dim=-1)
 
 
@@ -168,14 +168,14 @@ def test_lti_mixer_is_a_fixed_convolution_and_selective_ones_are_not():
     torch.manual_seed(3)
     x1, x2 = torch.randn(2, 2, 16, 20, dtype=torch.float64)  # (batch, d_inner, length), ssm input
     lti = random_mixer({"delta": False, "B": False, "C": False})
-    torch.testing.assert_close(lti.ssm(x1), impulse_response_conv(lti, x1), rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(lti.ssm(2 * x1 - 3 * x2), 2 * lti.ssm(x1) - 3 * lti.ssm(x2), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(lti.ssm(x1)[0], impulse_response_conv(lti, x1), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(lti.ssm(2 * x1 - 3 * x2)[0], 2 * lti.ssm(x1)[0] - 3 * lti.ssm(x2)[0], rtol=1e-9, atol=1e-10)
     shifted = F.pad(x1, (5, 0))[..., :20]
-    torch.testing.assert_close(lti.ssm(shifted)[..., 5:], lti.ssm(x1)[..., :15], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(lti.ssm(shifted)[0][..., 5:], lti.ssm(x1)[0][..., :15], rtol=1e-9, atol=1e-10)
 
     for name in ("delta", "B", "C"):
         selective = random_mixer({"delta": False, "B": False, "C": False, name: True})
-        gap = (selective.ssm(x1) - impulse_response_conv(selective, x1)).abs().max()
+        gap = (selective.ssm(x1)[0] - impulse_response_conv(selective, x1)).abs().max()
         assert gap > 1e-3, f"selective {name} should not be a fixed convolution (gap {gap})"
 
 

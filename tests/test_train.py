@@ -2,16 +2,14 @@
 
 import csv
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import run_script
+
 # A small, fast slice of the stdlib corpus; every run shares its token cache.
 SMALL_DATA = ["data.source.max_bytes=400000", "data.num_proc=1"]
 SMOKE = ["experiment=smoke", "logger=csv", *SMALL_DATA]
@@ -20,16 +18,6 @@ SMOKE = ["experiment=smoke", "logger=csv", *SMALL_DATA]
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("data")
-
-
-def run_script(script, *args, cwd=ROOT, env_extra=None, check=True, timeout=600):
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env.update(env_extra or {})
-    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
 
 
 def train(run_dir, data_dir, *overrides, **kwargs):

@@ -77,5 +77,11 @@ def validate(cfg: DictConfig) -> None:
             f"trainer.max_steps={cfg.trainer.max_steps} x accumulate_grad_batches={accumulate} batches is not a multiple of "
             f"trainer.val_check_interval={interval}; choose them so the last step is validated and checkpointed"
         )
+    if cfg.get("ckpt_path") and cfg.get("init_from"):
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} and init_from={cfg.init_from} are exclusive: ckpt_path resumes a run, "
+                          "init_from starts a new run from a checkpoint's weights; pass one")
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; point it at a .ckpt file such as <run>/checkpoints/last.ckpt")
+    if cfg.get("init_from") and not Path(cfg.init_from).is_file():
+        raise ConfigError(f"init_from={cfg.init_from} does not exist; point it at a Lethe .ckpt file (trained, or written by "
+                          "`python -m lethe.interop import`)")

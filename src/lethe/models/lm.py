@@ -89,18 +89,32 @@ class LanguageModel(nn.Module):
                 with torch.no_grad():
                     p.div_(scale)
 
-    def forward(self, input_ids):
-        """input_ids (batch, length) -> logits (batch, length, padded_vocab_size), float32."""
+    def forward(self, input_ids, states: list | None = None):
+        """input_ids (batch, length) -> logits (batch, length, padded_vocab_size), float32.
+
+        With `states` (from `empty_states`), the tokens continue the sequence those states hold
+        and the states advance past them: call it once with the prompt (prefill), then with one
+        token at a time (decoding).
+        """
         length = input_ids.shape[1]
-        if self.max_seq_len is not None and length > self.max_seq_len:
+        if states is None and self.max_seq_len is not None and length > self.max_seq_len:
             raise ConfigError(
                 f"input length {length} exceeds model.max_seq_len={self.max_seq_len}; "
                 f"raise model.max_seq_len or lower seq_len"
             )
         h = self.embedding(input_ids)
-        for layer in self.layers:
-            h = layer(h)
+        for layer, state in zip(self.layers, states or [None] * len(self.layers)):
+            h = layer(h, state)
         return self.lm_head(self.norm_f(h)).float()
+
+    def empty_states(self, batch_size: int, max_length: int) -> list:
+        """Per-layer decoding states for sequences of up to max_length tokens in all."""
+        if self.max_seq_len is not None and max_length > self.max_seq_len:
+            raise ConfigError(
+                f"decoding {max_length} tokens (prompt + new tokens) exceeds model.max_seq_len={self.max_seq_len}; "
+                "shorten the prompt or max_new_tokens"
+            )
+        return [layer.mixer.empty_state(batch_size, max_length) for layer in self.layers]
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Parameters, tied embedding/head counted once; optionally without the embedding."""

@@ -3,17 +3,25 @@
 RoPE rotates each (i, i + head_dim/2) pair of query and key features by an angle
 position * theta^(-2i/head_dim) ("rotate-half" layout, as in GPT-NeoX and Llama), so the
 query-key dot product depends only on the relative position. There are no learned positions.
+
+With a `KVCache` the layer decodes incrementally: new tokens take the positions after the cached
+ones, their keys and values are appended, and they attend to everything cached so far. Unlike
+Mamba's fixed-size state, the cache grows by one key and one value per token and layer.
 """
+
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def rope_angles(length: int, head_dim: int, theta: float, device=None, dtype=torch.float32):
-    """cos and sin of the rotation angles, each (length, head_dim), in fp32 (or float64)."""
+def rope_angles(length: int, head_dim: int, theta: float, device=None, dtype=torch.float32, start: int = 0):
+    """cos and sin of the rotation angles for positions start .. start+length-1, each
+    (length, head_dim), in fp32 (or float64)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim)
-    angles = torch.outer(torch.arange(length, device=device, dtype=dtype), inv_freq)
+    angles = torch.outer(torch.arange(start, start + length, device=device, dtype=dtype), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
@@ -29,6 +37,34 @@ def apply_rope(x, cos, sin):
     return (xc * cos + rotate_half(xc) * sin).to(x.dtype)
 
 
+@dataclass
+class KVCache:
+    """One layer's keys and values so far, preallocated for `capacity` positions.
+
+    keys, values: (batch, n_head, capacity, head_dim), allocated at the first write in the
+    dtype of the keys (bf16 under autocast); `length` positions are filled.
+    """
+
+    capacity: int
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    length: int = 0
+    fixed_size: ClassVar[bool] = False  # the attended length grows every step
+
+    def append(self, k, v):
+        """Store k, v (batch, n_head, new, head_dim) after the cached ones; return all so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; cannot append up to {end}")
+        if self.keys is None:
+            shape = (k.shape[0], k.shape[1], self.capacity, k.shape[3])
+            self.keys, self.values = k.new_empty(shape), v.new_empty(shape)
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_head: int, rope_theta: float = 10000.0):
         super().__init__()
@@ -38,14 +74,28 @@ class CausalSelfAttention(nn.Module):
         self.qkv_proj = nn.Linear(d_model, 3 * d_model, bias=False)
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x):
+    def empty_state(self, batch_size: int, max_length: int) -> KVCache:
+        """A KV cache for decoding up to max_length positions in all."""
+        return KVCache(capacity=max_length)
+
+    def forward(self, x, state: KVCache | None = None):
+        """x: (batch, length, d_model). With `state`, x continues the cached sequence."""
         batch, length, d_model = x.shape
+        start = 0 if state is None else state.length
         qkv = self.qkv_proj(x).view(batch, length, 3, self.n_head, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (batch, n_head, length, head_dim)
         # Angles are recomputed per call: (length, head_dim) is negligible next to attention,
         # and it avoids a cache that would have to follow the module across devices.
         angle_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        cos, sin = rope_angles(length, self.head_dim, self.rope_theta, x.device, angle_dtype)
+        cos, sin = rope_angles(length, self.head_dim, self.rope_theta, x.device, angle_dtype, start)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if start == 0:
+            if state is not None:
+                state.append(k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v = state.append(k, v)
+            # query i sits at position start + i and sees keys 0 .. start + i
+            visible = torch.arange(start + length, device=x.device) <= torch.arange(start, start + length, device=x.device)[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
         return self.o_proj(y.transpose(1, 2).reshape(batch, length, d_model))

@@ -5,6 +5,7 @@ The residual stream is kept in fp32 (as in the Mamba paper) so that hundreds of 
 updates under autocast do not round away.
 """
 
+import torch
 from torch import nn
 
 from lethe.modules.norm import RMSNorm
@@ -20,12 +21,14 @@ class Block(nn.Module):
         self.mlp = mlp
 
     def _add(self, residual, update):
-        if self.residual_in_fp32:
-            return residual.float() + update.float()
+        if self.residual_in_fp32:  # at least fp32: float64 models (gradcheck) stay float64
+            dtype = torch.promote_types(update.dtype, torch.float32)
+            return residual.to(dtype) + update.to(dtype)
         return residual.to(update.dtype) + update
 
-    def forward(self, h):
-        h = self._add(h, self.mixer(self.norm(h)))
+    def forward(self, h, state=None):
+        """`state`: the mixer's decoding state (Mamba's recurrent state, attention's KV cache)."""
+        h = self._add(h, self.mixer(self.norm(h)) if state is None else self.mixer(self.norm(h), state))
         if self.mlp is not None:
             h = self._add(h, self.mlp(self.norm2(h)))
         return h

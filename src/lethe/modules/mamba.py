@@ -8,6 +8,10 @@
                                                 y_t = C_t h_t
     out   = out_proj(y * silu(z))
 
+With a `MambaState` the mixer runs recurrently: it starts from the state's convolution window
+and SSM state, and leaves the ones after its last token there. A prompt is prefilled in one
+parallel pass; each decoding step is the same code at length 1, O(1) time and memory per token.
+
 `selective` switches each of delta, B, C between input-dependent (computed from x by x_proj)
 and a learned constant; with all three off the layer is a linear time-invariant S4D-like SSM
 (the paper's Table 7 ablation). The scan, D skip, softplus and gate run inside
@@ -15,6 +19,8 @@ and a learned constant; with all three off the layer is a linear time-invariant 
 """
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +29,28 @@ from torch import nn
 from lethe.ops import causal_conv1d, selective_scan
 
 ALL_SELECTIVE = {"delta": True, "B": True, "C": True}
+
+
+@dataclass
+class MambaState:
+    """One layer's recurrent state: what a Mamba layer remembers of everything it has read.
+
+    conv: (batch, d_inner, d_conv - 1), the last inputs of the short convolution
+    ssm:  (batch, d_inner, d_state), h_t of the scan, float32
+    Both are None until the first segment (zeros, i.e. an empty history); later segments
+    update them in place, so their storage stays fixed (what a CUDA graph replay needs).
+    """
+
+    conv: torch.Tensor | None = None
+    ssm: torch.Tensor | None = None
+    fixed_size: ClassVar[bool] = True  # the same tensors for the whole generation (CUDA graphs)
+
+    def update(self, conv, ssm):
+        if self.conv is None:
+            self.conv, self.ssm = conv, ssm
+        else:
+            self.conv.copy_(conv)
+            self.ssm.copy_(ssm)
 
 
 def inverse_softplus_dt(d_inner: int, dt_min: float, dt_max: float, dt_init_floor: float):
@@ -108,15 +136,28 @@ class MambaMixer(nn.Module):
     def delta_bias(self):
         return self.dt_proj.bias if self.dt_proj is not None else self.dt_bias
 
-    def forward(self, hidden):
-        """hidden: (batch, length, d_model) -> (batch, length, d_model)."""
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # each (batch, d_inner, length)
-        x = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")
-        return self.out_proj(self.ssm(x, z).transpose(1, 2))
+    def empty_state(self, batch_size: int, max_length: int) -> MambaState:
+        """A state for recurrent decoding; its size does not depend on max_length."""
+        return MambaState()
 
-    def ssm(self, x, z=None):
+    def forward(self, hidden, state: MambaState | None = None):
+        """hidden: (batch, length, d_model) -> (batch, length, d_model). With `state`, continue
+        from it and leave the state after the last token in it."""
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # each (batch, d_inner, length)
+        weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias
+        if state is None:
+            x = causal_conv1d(x, weight, bias, activation="silu")
+            y, _ = self.ssm(x, z)
+        else:
+            x, conv_state = causal_conv1d(x, weight, bias, "silu", initial_states=state.conv, return_final_states=True)
+            y, ssm_state = self.ssm(x, z, initial_state=state.ssm)
+            state.update(conv_state, ssm_state)
+        return self.out_proj(y.transpose(1, 2))
+
+    def ssm(self, x, z=None, initial_state=None):
         """The SSM on the convolved signal x (batch, d_inner, length): y = scan(x) + D * x, times
-        silu(z) when z is given. With nothing selective this is a fixed causal convolution of x."""
+        silu(z) when z is given. With nothing selective this is a fixed causal convolution of x.
+        Returns y and the last state (batch, d_inner, d_state)."""
         batch, _, length = x.shape
         parts = {}
         if self.x_proj is not None:
@@ -135,8 +176,7 @@ class MambaMixer(nn.Module):
         # A_log, D and the dt bias are fp32 parameters (autocast leaves exp alone); the op does
         # all its math in fp32 whatever the dtype of x.
         A = -torch.exp(self.A_log)
-        y, _ = selective_scan(
-            x, delta, A, B, C, D=self.D, z=z,
-            delta_bias=self.delta_bias, delta_softplus=True, impl=self.scan_impl,
+        return selective_scan(
+            x, delta, A, B, C, D=self.D, z=z, delta_bias=self.delta_bias, delta_softplus=True,
+            initial_state=initial_state, impl=self.scan_impl,
         )
-        return y

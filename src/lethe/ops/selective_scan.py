@@ -12,7 +12,7 @@ The implementations share everything around the recurrence (softplus, D skip, Si
 they differ only in how the linear recurrence itself is evaluated:
   reference  sequential loop, the ground truth (ops/scan_reference.py)
   chunked    chunked parallel PyTorch with a hand-written backward (ops/scan_chunked.py)
-  auto       the fastest implementation available for the inputs' device
+  auto       the fastest implementation available for the inputs' device and length
 """
 
 import torch
@@ -26,10 +26,11 @@ SCAN_IMPLS = {"reference": scan_reference, "chunked": scan_chunked}
 SCAN_IMPL_CHOICES = ("auto", *SCAN_IMPLS)
 
 
-def resolve_scan_impl(impl: str, device: torch.device) -> str:
+def resolve_scan_impl(impl: str, device: torch.device, length: int | None = None) -> str:
     """Map `auto` to a concrete implementation; reject unknown names in one line."""
     if impl == "auto":
-        return "chunked"
+        # One step (recurrent decoding) is the recurrence itself: the loop has the least overhead.
+        return "reference" if length == 1 else "chunked"
     if impl not in SCAN_IMPLS:
         raise ConfigError(f"model.scan_impl={impl!r} is not one of {', '.join(SCAN_IMPL_CHOICES)}")
     return impl
@@ -78,7 +79,7 @@ def selective_scan(
         delta_c = F.softplus(delta_c)
     state = None if initial_state is None else initial_state.to(compute)
 
-    scan = SCAN_IMPLS[resolve_scan_impl(impl, u.device)]
+    scan = SCAN_IMPLS[resolve_scan_impl(impl, u.device, u.shape[-1])]
     y, last_state = scan(u_c, delta_c, A.to(compute), B_c, C_c, state)
 
     if D is not None:

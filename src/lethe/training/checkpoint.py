@@ -83,11 +83,41 @@ def tokenizer_from_files(files: dict):
         return load_tokenizer(tmp)
 
 
+def checkpoint_metadata(model, tokenizer_files: dict, corpus_fingerprint=None, run_config=None, source=None) -> dict:
+    """The `lethe` entry of every checkpoint: what `load_trained_model` and eval need.
+
+    corpus_fingerprint and run_config exist only for checkpoints written by a training run;
+    `source` says where imported weights came from (None for trained ones).
+    """
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_target": f"{type(model).__module__}.{type(model).__name__}",
+        "model_config": model.config,
+        "num_params": model.num_params(),
+        "tokenizer_files": tokenizer_files,
+        "corpus_fingerprint": corpus_fingerprint,
+        "run_config": run_config,
+        "source": source,
+    }
+
+
+def save_model_checkpoint(model, tokenizer, path, source: dict) -> None:
+    """Write a weights-only checkpoint (no optimizer or loop state) that `load_trained_model`
+    reads like a trained one; the keys follow LanguageModelTask's ("model." + parameter name)."""
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    checkpoint = {"state_dict": state, "lethe": checkpoint_metadata(model, tokenizer_files(tokenizer), source=source)}
+    AtomicCheckpointIO().save_checkpoint(checkpoint, path)
+
+
+def model_state(checkpoint: dict) -> dict:
+    """The model's own state dict from a checkpoint's (LanguageModelTask prefixes "model.")."""
+    return {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+
+
 def load_trained_model(path):
     """(model in eval mode with trained weights, tokenizer, metadata) from a checkpoint file."""
     checkpoint = read_checkpoint(path)
     meta = checkpoint["lethe"]
     model = build_model(meta)
-    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state)
+    model.load_state_dict(model_state(checkpoint))
     return model.eval(), tokenizer_from_files(meta["tokenizer_files"]), meta

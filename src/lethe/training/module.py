@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lethe.errors import LetheError
-from lethe.training.checkpoint import FORMAT_VERSION
+from lethe.training.checkpoint import checkpoint_metadata
 
 
 class NonFiniteLossError(LetheError):
@@ -106,15 +106,9 @@ class LanguageModelTask(L.LightningModule):
 
     # ---- checkpoint metadata ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint):
-        checkpoint["lethe"] = {
-            "format_version": FORMAT_VERSION,
-            "model_target": f"{type(self.model).__module__}.{type(self.model).__name__}",
-            "model_config": self.model.config,
-            "num_params": self.model.num_params(),
-            "tokenizer_files": self.tokenizer_files,
-            "corpus_fingerprint": self.corpus_fingerprint,
-            "run_config": self.run_config,
-        }
+        checkpoint["lethe"] = checkpoint_metadata(
+            self.model, self.tokenizer_files, corpus_fingerprint=self.corpus_fingerprint, run_config=self.run_config
+        )
 
 
 def perplexity(loss: float) -> float:

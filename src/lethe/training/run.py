@@ -11,9 +11,12 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from lethe.config import instantiate, validate
+from lethe.data import tokenizer_fingerprint
 from lethe.errors import ConfigError, DataError
 from lethe.training.callbacks import ThroughputMonitor, write_json_atomic
-from lethe.training.checkpoint import AtomicCheckpointIO, read_checkpoint, tokenizer_files
+from lethe.training.checkpoint import (
+    AtomicCheckpointIO, model_state, read_checkpoint, tokenizer_files, tokenizer_from_files,
+)
 from lethe.training.module import LanguageModelTask, perplexity
 
 log = logging.getLogger(__name__)
@@ -32,17 +35,44 @@ def build_model(cfg: DictConfig, vocab_size: int):
     return model
 
 
-def check_resumable(ckpt_path, model) -> None:
-    """The checkpoint must be Lethe's and hold the same architecture as the configured model."""
-    meta = read_checkpoint(ckpt_path)["lethe"]
+def check_same_model(key: str, path, meta: dict, model, fix: str) -> None:
+    """The checkpoint named by config key `key` (its `lethe` metadata) must hold the configured
+    model's class and constructor arguments; else a one-line error listing what differs, then `fix`."""
     target = f"{type(model).__module__}.{type(model).__name__}"
     if meta["model_target"] != target or meta["model_config"] != model.config:
         changed = sorted(k for k in set(meta["model_config"]) | set(model.config)
                          if meta["model_config"].get(k) != model.config.get(k))
         raise ConfigError(
-            f"ckpt_path={ckpt_path} holds a {meta['model_target'].rsplit('.', 1)[-1]} that differs from the configured model "
-            f"(differs in: {', '.join(changed) or 'class'}); resume with the run's own model overrides"
+            f"{key}={path} holds a {meta['model_target'].rsplit('.', 1)[-1]} that differs from the configured model "
+            f"(differs in: {', '.join(changed) or 'class'}); {fix}"
         )
+
+
+def check_resumable(ckpt_path, model) -> None:
+    """The checkpoint must be a training run's (imported weights have no state to resume) and
+    hold the same architecture as the configured model."""
+    meta = read_checkpoint(ckpt_path)["lethe"]
+    if meta.get("run_config") is None:
+        raise ConfigError(f"ckpt_path={ckpt_path} holds weights only (no optimizer, step or data position to resume); "
+                          f"start a new run from them with init_from={ckpt_path}")
+    check_same_model("ckpt_path", ckpt_path, meta, model, "resume with the run's own model overrides")
+
+
+def load_initial_weights(init_from, model, tokenizer) -> None:
+    """Start a fresh run from a checkpoint's weights (trained or imported), refusing one whose
+    tokenizer or architecture differs from the configured run's."""
+    checkpoint = read_checkpoint(init_from)
+    meta = checkpoint["lethe"]
+    theirs = tokenizer_from_files(meta["tokenizer_files"])
+    if tokenizer_fingerprint(theirs) != tokenizer_fingerprint(tokenizer):
+        raise ConfigError(
+            f"init_from={init_from} was saved with a different tokenizer ({len(theirs)} tokens) than the configured one "
+            f"({len(tokenizer)}); train with its tokenizer: tokenizer=gpt-neox tokenizer.name=<a directory with its "
+            "tokenizer.json, e.g. the transformers directory it was imported from or exported to>"
+        )
+    check_same_model("init_from", init_from, meta, model, "choose the model overrides it was built with "
+                     "(e.g. model=mamba-130m for state-spaces/mamba-130m-hf)")
+    model.load_state_dict(model_state(checkpoint))
 
 
 def _instantiate_all(group) -> list:
@@ -64,6 +94,8 @@ def train(cfg: DictConfig) -> dict:
     model = build_model(cfg, datamodule.vocab_size)
     if cfg.ckpt_path:
         check_resumable(cfg.ckpt_path, model)
+    if cfg.init_from:
+        load_initial_weights(cfg.init_from, model, datamodule.tokenizer)
     if cfg.compile:
         model.compile()
 
@@ -112,6 +144,7 @@ def train(cfg: DictConfig) -> dict:
         "wall_time_s": round(time.perf_counter() - started, 2),
         "train_time_s": throughput.summary.get("train_time_s") if throughput else None,
         "corpus_fingerprint": datamodule.fingerprint,
+        "init_from": cfg.init_from,
         "checkpoints": checkpoints,
         **results,
     }
