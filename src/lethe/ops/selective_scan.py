@@ -8,31 +8,49 @@ B, C (batch, d_state, length); D, delta_bias (channels,); states (batch, channel
 Inputs may be float32, bfloat16 or float16: all math and the state are float32 (float64 stays
 float64, for gradcheck). y comes back in u's dtype, the state in float32 (or float64).
 
-The implementations share everything around the recurrence (softplus, D skip, SiLU gate), so
-they differ only in how the linear recurrence itself is evaluated:
+Implementations:
   reference  sequential loop, the ground truth (ops/scan_reference.py)
   chunked    chunked parallel PyTorch with a hand-written backward (ops/scan_chunked.py)
-  auto       the fastest implementation available for the inputs' device and length
+  cpu, cuda  the fused kernels of kernels/ (ops/scan_kernels.py), built on first use: softplus,
+             recurrence, C contraction, D skip and gate in one pass, state kept on chip
+  auto       the fused kernel for the inputs' device when it builds (float32/bfloat16/float16),
+             else chunked (reference for a single step)
+The PyTorch implementations share everything around the recurrence (softplus, D skip, SiLU
+gate) and differ only in how the linear recurrence itself is evaluated.
 """
 
 import torch
 import torch.nn.functional as F
 
 from lethe.errors import ConfigError
+from lethe.ops import scan_kernels
 from lethe.ops.scan_chunked import scan_chunked
 from lethe.ops.scan_reference import scan_reference
 
 SCAN_IMPLS = {"reference": scan_reference, "chunked": scan_chunked}
-SCAN_IMPL_CHOICES = ("auto", *SCAN_IMPLS)
+FUSED_IMPLS = ("cpu", "cuda")
+SCAN_IMPL_CHOICES = ("auto", *SCAN_IMPLS, *FUSED_IMPLS)
 
 
-def resolve_scan_impl(impl: str, device: torch.device, length: int | None = None) -> str:
-    """Map `auto` to a concrete implementation; reject unknown names in one line."""
+def resolve_scan_impl(impl: str, device: torch.device, length: int | None = None, dtype=torch.float32) -> str:
+    """Map `auto` to a concrete implementation; say in one line why a named one cannot run."""
+    device_type = torch.device(device).type
     if impl == "auto":
+        if dtype in scan_kernels.KERNEL_DTYPES and device_type in FUSED_IMPLS and scan_kernels.unavailable(device_type) is None:
+            return device_type
         # One step (recurrent decoding) is the recurrence itself: the loop has the least overhead.
         return "reference" if length == 1 else "chunked"
-    if impl not in SCAN_IMPLS:
+    if impl not in SCAN_IMPL_CHOICES:
         raise ConfigError(f"model.scan_impl={impl!r} is not one of {', '.join(SCAN_IMPL_CHOICES)}")
+    if impl in FUSED_IMPLS:
+        if device_type != impl:
+            raise ConfigError(f"model.scan_impl={impl!r} runs on {impl} tensors, these are on {device_type}; use scan_impl=auto")
+        if dtype not in scan_kernels.KERNEL_DTYPES:
+            raise ConfigError(f"model.scan_impl={impl!r} takes float32, bfloat16 or float16 inputs, not {dtype}; "
+                              "use scan_impl=chunked or reference")
+        reason = scan_kernels.unavailable(impl)
+        if reason is not None:
+            raise ConfigError(f"model.scan_impl={impl!r} cannot run: {reason}; use scan_impl=auto or chunked")
     return impl
 
 
@@ -69,6 +87,9 @@ def selective_scan(
 ):
     """Selective scan with the official kernel's semantics. Returns (y, last_state)."""
     _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    impl = resolve_scan_impl(impl, u.device, u.shape[-1], u.dtype)
+    if impl in FUSED_IMPLS:
+        return scan_kernels.scan_fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
     out_dtype = u.dtype
 
@@ -79,8 +100,7 @@ def selective_scan(
         delta_c = F.softplus(delta_c)
     state = None if initial_state is None else initial_state.to(compute)
 
-    scan = SCAN_IMPLS[resolve_scan_impl(impl, u.device, u.shape[-1])]
-    y, last_state = scan(u_c, delta_c, A.to(compute), B_c, C_c, state)
+    y, last_state = SCAN_IMPLS[impl](u_c, delta_c, A.to(compute), B_c, C_c, state)
 
     if D is not None:
         y = y + u_c * D.to(compute)[:, None]

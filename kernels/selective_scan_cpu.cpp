@@ -1,0 +1,458 @@
+// Fused selective scan for CPU tensors: the same op as the CUDA kernel, the same algorithm.
+//
+//   h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t      y_t = <C_t, h_t> + D * u_t
+//   out_t = y_t * silu(z_t),   delta_t = softplus(delta_raw_t + delta_bias)
+//
+// Threaded over (batch, channel) rows with at::parallel_for; each row walks the sequence in
+// chunks of `chunk` steps. A chunk's decays a[t][n] and states h[t][n] live in a small buffer
+// (chunk x d_state floats, in L1/L2), and every loop over d_state is a flat float loop the
+// compiler vectorizes (exp included: `exp_approx` is branch-free arithmetic). Math and state
+// are float32 whatever the input dtype.
+//
+// Forward saves only the state entering each chunk: (batch, channels, n_chunks, d_state).
+// Backward walks the chunks in reverse, recomputes a chunk's states from its saved entering
+// state, then runs the adjoint recurrence backwards through it. dB and dC sum over channels:
+// each task owns a fixed group of channels and writes its own partial sums, which a second
+// pass adds in a fixed order, so gradients are bit-identical run to run (no atomics, and the
+// result does not depend on the number of threads).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// d_state is padded to a multiple of kLanes (A = 0, B = C = 0, state 0 in the padding: the
+// padded states stay 0 and add nothing), so every loop over it is a whole number of Vec steps.
+// Vec is a GCC/Clang vector of kLanes floats (one AVX2 register; two NEON/SSE registers),
+// aligned like a float so it loads from any float array.
+constexpr int64_t kLanes = 8;
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(alignof(float))));
+typedef int32_t IntVec __attribute__((vector_size(kLanes * sizeof(int32_t)), aligned(alignof(int32_t))));
+inline Vec load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
+inline void store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
+inline float lane_sum(Vec v) {
+  float total = 0.0f;
+  for (int64_t j = 0; j < kLanes; ++j) total += v[j];
+  return total;
+}
+
+// exp(x) to ~1 ulp for x in [-87, 88], for a float or a Vec: exp(x) = 2^k * exp(r) with
+// k = round(x / ln 2), |r| <= ln2 / 2, exp(r) by its Taylor series to r^7 (error < 6e-9).
+// Inputs below -87 return ~1e-38 instead of 0 or a denormal: a decay that small is 0 to
+// every float32 sum it enters.
+template <typename V>
+inline V exp_approx(V x) {
+  x = x < -87.0f ? V{} - 87.0f : x;
+  x = x > 88.0f ? V{} + 88.0f : x;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const V k = (x * 1.44269504088896341f + kRound) - kRound;
+  const V r = x - k * 0.693145751953125f - k * 1.42860682030941723212e-6f;  // ln2 in two parts
+  V p = V{} + 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  V scale;  // 2^k, built in the exponent bits
+  if constexpr (std::is_same_v<V, float>) {
+    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+    std::memcpy(&scale, &bits, sizeof(scale));
+  } else {
+    const IntVec bits = (__builtin_convertvector(k, IntVec) + 127) << 23;
+    std::memcpy(&scale, &bits, sizeof(scale));
+  }
+  return p * scale;
+}
+
+// log(1 + e) for e in [0, 1], vectorizable: 2 atanh(s) with s = e / (2 + e) <= 1/3, series to s^15.
+inline float log1p_unit(float e) {
+  const float s = e / (2.0f + e), s2 = s * s;
+  float p = 1.0f / 15.0f;
+  p = p * s2 + 1.0f / 13.0f;
+  p = p * s2 + 1.0f / 11.0f;
+  p = p * s2 + 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  return 2.0f * s * p;
+}
+
+// softplus(x) = max(x, 0) + log(1 + exp(-|x|)): exact in form for every x, no overflow.
+inline float softplus(float x) { return std::max(x, 0.0f) + log1p_unit(exp_approx(-std::fabs(x))); }
+inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+
+// Everything one call needs, in float32 where the kernel reads it per element.
+struct Problem {
+  int64_t batch, channels, length, d_state, lanes, chunk, n_chunks;  // lanes: d_state padded
+  const float* A;            // (channels, lanes)
+  const float* B;            // (batch, length, lanes): time-major so the state is contiguous
+  const float* C;            // (batch, length, lanes)
+  const float* D;            // (channels,) or null
+  const float* delta_bias;   // (channels,) or null
+  const float* initial;      // (batch, channels, d_state) or null
+  bool softplus;
+};
+
+// One (batch, channel) row converted to float32: delta after bias and softplus, delta*u, u.
+template <typename T>
+void load_row(const Problem& p, int64_t row, const T* u_in, const T* delta_in, float* __restrict__ u,
+              float* __restrict__ delta_raw, float* __restrict__ delta, float* __restrict__ du) {
+  const int64_t offset = row * p.length;
+  const float bias = p.delta_bias ? p.delta_bias[row % p.channels] : 0.0f;
+  for (int64_t t = 0; t < p.length; ++t) {
+    u[t] = static_cast<float>(u_in[offset + t]);
+    delta_raw[t] = static_cast<float>(delta_in[offset + t]) + bias;
+  }
+  if (p.softplus) {
+    for (int64_t t = 0; t < p.length; ++t) delta[t] = softplus(delta_raw[t]);
+  } else {
+    std::copy(delta_raw, delta_raw + p.length, delta);
+  }
+  for (int64_t t = 0; t < p.length; ++t) du[t] = delta[t] * u[t];
+}
+
+template <typename T>
+void load_floats(const T* in, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(in[i]);
+}
+
+// Decays a[t][n] = exp(delta_t A_n) and states h[t][n] of steps [start, start + steps) of one
+// row, from the state h0 entering the chunk. Shared by forward and backward (recompute).
+void chunk_states(const Problem& p, int64_t batch_index, int64_t channel, int64_t start, int64_t steps,
+                  const float* __restrict__ delta, const float* __restrict__ du, const float* __restrict__ h0,
+                  float* __restrict__ a, float* __restrict__ h) {
+  const int64_t N = p.lanes;
+  const float* __restrict__ A = p.A + channel * N;
+  const float* __restrict__ B = p.B + (batch_index * p.length + start) * N;
+  for (int64_t t = 0; t < steps; ++t) {
+    const float step = delta[start + t];
+    for (int64_t n = 0; n < N; n += kLanes) store(a + t * N + n, exp_approx(step * load(A + n)));
+  }
+  for (int64_t t = 0; t < steps; ++t) {
+    const float input = du[start + t];
+    const float* __restrict__ prev = t > 0 ? h + (t - 1) * N : h0;
+    for (int64_t n = 0; n < N; n += kLanes) {
+      const int64_t i = t * N + n;
+      store(h + i, load(a + i) * load(prev + n) + input * load(B + i));
+    }
+  }
+}
+
+// <C_t, h_t> + D u_t for the steps of one chunk: the output before the gate.
+void chunk_outputs(const Problem& p, int64_t batch_index, int64_t channel, int64_t start, int64_t steps,
+                   const float* __restrict__ u, const float* __restrict__ h, float* __restrict__ y_pre) {
+  const int64_t N = p.lanes;
+  const float* __restrict__ C = p.C + (batch_index * p.length + start) * N;
+  const float skip = p.D ? p.D[channel] : 0.0f;
+  for (int64_t t = 0; t < steps; ++t) {
+    Vec sum = {};
+    for (int64_t n = 0; n < N; n += kLanes) sum += load(C + t * N + n) * load(h + t * N + n);
+    y_pre[start + t] = lane_sum(sum) + skip * u[start + t];
+  }
+}
+
+inline float silu(float x) { return x * sigmoid(x); }
+
+template <typename T>
+void forward_rows(const Problem& p, const T* u_in, const T* delta_in, const T* z_in, T* out, float* last,
+                  float* saved, int64_t row_begin, int64_t row_end) {
+  const int64_t L = p.length, N = p.lanes, S = p.d_state;
+  std::vector<float> u(L), delta_raw(L), delta(L), du(L), y(L), z(z_in ? L : 0);
+  std::vector<float> a(p.chunk * N), h(p.chunk * N), h0(N, 0.0f);
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t b = row / p.channels, d = row % p.channels;
+    load_row(p, row, u_in, delta_in, u.data(), delta_raw.data(), delta.data(), du.data());
+    if (p.initial) std::copy(p.initial + row * S, p.initial + (row + 1) * S, h0.begin());
+    else std::fill(h0.begin(), h0.end(), 0.0f);
+    for (int64_t k = 0; k < p.n_chunks; ++k) {
+      const int64_t start = k * p.chunk, steps = std::min(p.chunk, L - start);
+      std::copy(h0.begin(), h0.begin() + S, saved + (row * p.n_chunks + k) * S);
+      chunk_states(p, b, d, start, steps, delta.data(), du.data(), h0.data(), a.data(), h.data());
+      chunk_outputs(p, b, d, start, steps, u.data(), h.data(), y.data());
+      std::copy(h.data() + (steps - 1) * N, h.data() + steps * N, h0.begin());
+    }
+    std::copy(h0.begin(), h0.begin() + S, last + row * S);
+    if (z_in) {
+      load_floats(z_in + row * L, L, z.data());
+      for (int64_t t = 0; t < L; ++t) y[t] *= silu(z[t]);
+    }
+    for (int64_t t = 0; t < L; ++t) out[row * L + t] = static_cast<T>(y[t]);
+  }
+}
+
+// Per-thread buffers of the backward pass, sized for one row.
+struct BackwardBuffers {
+  std::vector<float> u, delta_raw, delta, du, g, y_pre, z, grad_u, grad_delta, a, h, h_enter, mu, dA;
+  BackwardBuffers(const Problem& p)
+      : u(p.length), delta_raw(p.length), delta(p.length), du(p.length), g(p.length), y_pre(p.length),
+        z(p.length), grad_u(p.length), grad_delta(p.length), a(p.chunk * p.lanes), h(p.chunk * p.lanes),
+        h_enter(p.lanes, 0.0f), mu(p.lanes, 0.0f), dA(p.lanes) {}
+};
+
+// The adjoint recurrence through one chunk, last step first. mu enters as a_{t+1} lambda_{t+1}
+// from the step after the chunk and leaves as the same quantity for the step before it.
+// dB/dC rows of this task's partial sums are assigned (first channel of the group) or added.
+void chunk_adjoint(const Problem& p, int64_t b, int64_t d, int64_t start, int64_t steps, bool first_in_group,
+                   BackwardBuffers& buf, float* __restrict__ dB_part, float* __restrict__ dC_part) {
+  const int64_t N = p.lanes;
+  const float* __restrict__ A = p.A + d * N;
+  const float* __restrict__ B = p.B + (b * p.length + start) * N;
+  const float* __restrict__ C = p.C + (b * p.length + start) * N;
+  const float* __restrict__ a = buf.a.data();
+  const float* __restrict__ h = buf.h.data();
+  float* __restrict__ mu = buf.mu.data();
+  float* __restrict__ dA = buf.dA.data();
+  float* __restrict__ dB = dB_part + start * N;
+  float* __restrict__ dC = dC_part + start * N;
+  const float skip = p.D ? p.D[d] : 0.0f;
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    const int64_t step = start + t;
+    const float grad_y = buf.g[step], input = buf.du[step], dt = buf.delta[step];
+    const float* __restrict__ h_prev = t > 0 ? h + (t - 1) * N : buf.h_enter.data();
+    Vec grad_log_a_A = {}, lambda_B = {};
+    for (int64_t n = 0; n < N; n += kLanes) {
+      const int64_t i = t * N + n;
+      const Vec lambda = grad_y * load(C + i) + load(mu + n);  // dL/dh_t
+      const Vec mu_prev = load(a + i) * lambda;                 // a_t lambda_t: mu for step t-1
+      const Vec grad_log_a = mu_prev * load(h_prev + n);        // dL/d(delta_t A_n)
+      store(mu + n, mu_prev);
+      store(dA + n, load(dA + n) + grad_log_a * dt);
+      grad_log_a_A += grad_log_a * load(A + n);
+      lambda_B += lambda * load(B + i);
+      const Vec dB_new = lambda * input, dC_new = grad_y * load(h + i);
+      store(dB + i, first_in_group ? dB_new : load(dB + i) + dB_new);
+      store(dC + i, first_in_group ? dC_new : load(dC + i) + dC_new);
+    }
+    const float sum_a = lane_sum(grad_log_a_A), sum_b = lane_sum(lambda_B);
+    const float grad_dt = sum_a + sum_b * buf.u[step];
+    buf.grad_u[step] = sum_b * dt + grad_y * skip;
+    buf.grad_delta[step] = grad_dt;  // with respect to delta after softplus, until backward_row's last loop
+  }
+}
+
+// Gradients of one row (b, d), walking chunks in reverse.
+template <typename T>
+void backward_row(const Problem& p, int64_t row, bool first_in_group, const T* u_in, const T* delta_in,
+                  const T* z_in, const T* grad_out_in, const float* grad_last, const float* saved,
+                  T* grad_u_out, T* grad_delta_out, T* grad_z_out, float* dA_row, float* dD_row, float* dbias_row,
+                  float* dinit_row, float* dB_part, float* dC_part, BackwardBuffers& buf) {
+  const int64_t L = p.length, S = p.d_state;
+  const int64_t b = row / p.channels, d = row % p.channels;
+  load_row(p, row, u_in, delta_in, buf.u.data(), buf.delta_raw.data(), buf.delta.data(), buf.du.data());
+  load_floats(grad_out_in + row * L, L, buf.g.data());  // becomes the gradient of y before the gate
+  if (z_in) load_floats(z_in + row * L, L, buf.z.data());
+  std::fill(buf.dA.begin(), buf.dA.end(), 0.0f);
+  // mu after the last step is the gradient of the final state.
+  std::fill(buf.mu.begin(), buf.mu.end(), 0.0f);
+  if (grad_last) std::copy(grad_last + row * S, grad_last + (row + 1) * S, buf.mu.begin());
+
+  for (int64_t k = p.n_chunks - 1; k >= 0; --k) {
+    const int64_t start = k * p.chunk, steps = std::min(p.chunk, L - start);
+    const float* enter = saved + (row * p.n_chunks + k) * S;
+    std::copy(enter, enter + S, buf.h_enter.begin());
+    chunk_states(p, b, d, start, steps, buf.delta.data(), buf.du.data(), buf.h_enter.data(), buf.a.data(), buf.h.data());
+    if (z_in) {  // out = y_pre * silu(z): dz needs y_pre, recomputed here from the states
+      chunk_outputs(p, b, d, start, steps, buf.u.data(), buf.h.data(), buf.y_pre.data());
+      for (int64_t t = start; t < start + steps; ++t) {
+        const float sig = sigmoid(buf.z[t]), grad_out = buf.g[t];
+        grad_z_out[row * L + t] = static_cast<T>(grad_out * buf.y_pre[t] * sig * (1.0f + buf.z[t] * (1.0f - sig)));
+        buf.g[t] = grad_out * buf.z[t] * sig;
+      }
+    }
+    chunk_adjoint(p, b, d, start, steps, first_in_group, buf, dB_part, dC_part);
+  }
+  if (p.softplus)  // d softplus(x) / dx = sigmoid(x); a separate loop so it vectorizes over time
+    for (int64_t t = 0; t < L; ++t) buf.grad_delta[t] *= sigmoid(buf.delta_raw[t]);
+  float dD = 0.0f, dbias = 0.0f;
+  for (int64_t t = 0; t < L; ++t) {
+    dD += buf.g[t] * buf.u[t];
+    dbias += buf.grad_delta[t];
+    grad_u_out[row * L + t] = static_cast<T>(buf.grad_u[t]);
+    grad_delta_out[row * L + t] = static_cast<T>(buf.grad_delta[t]);
+  }
+  *dD_row = dD;
+  *dbias_row = dbias;
+  std::copy(buf.dA.begin(), buf.dA.begin() + S, dA_row);
+  std::copy(buf.mu.begin(), buf.mu.begin() + S, dinit_row);  // mu before the first step: dL/dh_{-1}
+}
+
+void check(bool ok, const char* message) { TORCH_CHECK(ok, "lethe selective_scan (cpu kernel): ", message); }
+
+// A, B and C in the kernel's layout: float32, d_state padded with zeros to a multiple of kLanes,
+// B and C time-major (batch, length, lanes) so one step's state is contiguous.
+struct StateOperands {
+  Tensor A, B, C;
+  StateOperands(const Tensor& A_in, const Tensor& B_in, const Tensor& C_in) {
+    const int64_t pad = (kLanes - A_in.size(1) % kLanes) % kLanes;
+    A = at::constant_pad_nd(A_in, {0, pad}).contiguous();
+    B = at::constant_pad_nd(B_in.transpose(1, 2).to(at::kFloat), {0, pad}).contiguous();
+    C = at::constant_pad_nd(C_in.transpose(1, 2).to(at::kFloat), {0, pad}).contiguous();
+  }
+};
+
+Problem make_problem(const Tensor& u, const StateOperands& ops, int64_t d_state, const OptTensor& D,
+                     const OptTensor& delta_bias, const OptTensor& initial, bool delta_softplus, int64_t chunk) {
+  check(chunk >= 1, "chunk must be >= 1");
+  Problem p;
+  p.batch = u.size(0), p.channels = u.size(1), p.length = u.size(2), p.d_state = d_state, p.lanes = ops.A.size(1);
+  p.chunk = chunk, p.n_chunks = (p.length + chunk - 1) / chunk;
+  p.A = ops.A.data_ptr<float>(), p.B = ops.B.data_ptr<float>(), p.C = ops.C.data_ptr<float>();
+  p.D = D ? D->data_ptr<float>() : nullptr;
+  p.delta_bias = delta_bias ? delta_bias->data_ptr<float>() : nullptr;
+  p.initial = initial ? initial->data_ptr<float>() : nullptr;
+  p.softplus = delta_softplus;
+  return p;
+}
+
+// The Python face (lethe.ops.scan_kernels) hands over contiguous tensors: u, delta, B, C, z in
+// one dtype (float32, bfloat16 or float16), A, D, delta_bias, initial_state in float32.
+void check_inputs(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
+                  const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias, const OptTensor& initial) {
+  check(u.dim() == 3 && u.is_contiguous() && u.device().is_cpu(), "u must be a contiguous CPU tensor (batch, channels, length)");
+  check(u.size(2) >= 1, "length must be >= 1");
+  for (const Tensor* t : {&delta, &B, &C}) check(t->scalar_type() == u.scalar_type() && t->is_contiguous(), "delta, B, C must be contiguous and of u's dtype");
+  check(delta.sizes() == u.sizes(), "delta must have u's shape");
+  check(A.scalar_type() == at::kFloat && A.dim() == 2 && A.size(0) == u.size(1) && A.is_contiguous(), "A must be float32 (channels, d_state)");
+  for (const Tensor* t : {&B, &C}) check(t->dim() == 3 && t->size(0) == u.size(0) && t->size(1) == A.size(1) && t->size(2) == u.size(2), "B and C must be (batch, d_state, length)");
+  for (const OptTensor* t : {&D, &delta_bias}) check(!*t || ((*t)->scalar_type() == at::kFloat && (*t)->numel() == u.size(1) && (*t)->is_contiguous()), "D and delta_bias must be float32 (channels,)");
+  check(!z || (z->scalar_type() == u.scalar_type() && z->sizes() == u.sizes() && z->is_contiguous()), "z must have u's shape and dtype");
+  check(!initial || (initial->scalar_type() == at::kFloat && initial->dim() == 3 && initial->size(0) == u.size(0) && initial->size(1) == u.size(1) && initial->size(2) == A.size(1) && initial->is_contiguous()), "initial_state must be float32 (batch, channels, d_state)");
+}
+
+#define LETHE_DISPATCH_FLOATS(dtype, ...)                                           \
+  switch (dtype) {                                                                  \
+    case at::kFloat: { using scalar_t = float; __VA_ARGS__(); break; }               \
+    case at::kBFloat16: { using scalar_t = at::BFloat16; __VA_ARGS__(); break; }     \
+    case at::kHalf: { using scalar_t = at::Half; __VA_ARGS__(); break; }             \
+    default: TORCH_CHECK(false, "lethe selective_scan (cpu kernel): inputs must be float32, bfloat16 or float16"); \
+  }
+
+std::tuple<Tensor, Tensor, Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
+                                            const Tensor& C, const OptTensor& D, const OptTensor& z,
+                                            const OptTensor& delta_bias, const OptTensor& initial_state,
+                                            bool delta_softplus, int64_t chunk) {
+  check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state);
+  const StateOperands operands(A, B, C);
+  const Problem p = make_problem(u, operands, A.size(1), D, delta_bias, initial_state, delta_softplus, chunk);
+  Tensor out = at::empty_like(u);
+  Tensor last = at::empty({p.batch, p.channels, p.d_state}, u.options().dtype(at::kFloat));
+  Tensor saved = at::empty({p.batch, p.channels, p.n_chunks, p.d_state}, u.options().dtype(at::kFloat));
+  LETHE_DISPATCH_FLOATS(u.scalar_type(), [&] {
+    const scalar_t* z_ptr = z ? z->data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, p.batch * p.channels, 1, [&](int64_t begin, int64_t end) {
+      forward_rows<scalar_t>(p, u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), z_ptr, out.data_ptr<scalar_t>(),
+                             last.data_ptr<float>(), saved.data_ptr<float>(), begin, end);
+    });
+  });
+  return {out, last, saved};
+}
+
+// Channels per backward task. dB/dC partial sums take (batch, channels / group, length, lanes)
+// floats: with group >= lanes that is at most batch x channels x length. Fixed by the shape
+// alone, so the summation order (and the bits) never depend on the thread count.
+int64_t channel_group(int64_t lanes) { return std::max<int64_t>(16, lanes); }
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> scan_bwd(
+    const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C, const OptTensor& D,
+    const OptTensor& z, const OptTensor& delta_bias, const OptTensor& initial_state, bool delta_softplus, int64_t chunk,
+    const Tensor& saved, const Tensor& grad_out, const OptTensor& grad_last) {
+  check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state);
+  const StateOperands operands(A, B, C);
+  const Problem p = make_problem(u, operands, A.size(1), D, delta_bias, initial_state, delta_softplus, chunk);
+  check(saved.scalar_type() == at::kFloat && saved.is_contiguous() && saved.dim() == 4 && saved.size(2) == p.n_chunks, "saved chunk states do not match the inputs");
+  check(grad_out.scalar_type() == u.scalar_type() && grad_out.sizes() == u.sizes() && grad_out.is_contiguous(), "grad_out must have u's shape and dtype");
+  check(!grad_last || (grad_last->scalar_type() == at::kFloat && grad_last->is_contiguous() && grad_last->numel() == p.batch * p.channels * p.d_state), "grad of the last state must be float32 (batch, channels, d_state)");
+
+  const int64_t group = channel_group(p.lanes), n_groups = (p.channels + group - 1) / group;
+  const auto f32 = u.options().dtype(at::kFloat);
+  Tensor grad_u = at::empty_like(u), grad_delta = at::empty_like(u);
+  Tensor grad_z = z ? at::empty_like(u) : at::empty({0}, u.options());
+  Tensor dA_rows = at::empty({p.batch, p.channels, p.d_state}, f32);
+  Tensor dD_rows = at::empty({p.batch, p.channels}, f32), dbias_rows = at::empty({p.batch, p.channels}, f32);
+  Tensor grad_initial = at::empty({p.batch, p.channels, p.d_state}, f32);
+  Tensor dB_part = at::empty({p.batch, n_groups, p.length, p.lanes}, f32), dC_part = at::empty_like(dB_part);
+
+  LETHE_DISPATCH_FLOATS(u.scalar_type(), [&] {
+    const scalar_t* z_ptr = z ? z->data_ptr<scalar_t>() : nullptr;
+    scalar_t* grad_z_ptr = z ? grad_z.data_ptr<scalar_t>() : nullptr;
+    const float* grad_last_ptr = grad_last ? grad_last->data_ptr<float>() : nullptr;
+    at::parallel_for(0, p.batch * n_groups, 1, [&](int64_t begin, int64_t end) {
+      BackwardBuffers buffers(p);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / n_groups, first = (task % n_groups) * group;
+        const int64_t offset = task * p.length * p.lanes;
+        for (int64_t d = first; d < std::min(first + group, p.channels); ++d) {
+          const int64_t row = b * p.channels + d;
+          backward_row<scalar_t>(p, row, d == first, u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), z_ptr,
+                                 grad_out.data_ptr<scalar_t>(), grad_last_ptr, saved.data_ptr<float>(),
+                                 grad_u.data_ptr<scalar_t>(), grad_delta.data_ptr<scalar_t>(), grad_z_ptr,
+                                 dA_rows.data_ptr<float>() + row * p.d_state, dD_rows.data_ptr<float>() + row,
+                                 dbias_rows.data_ptr<float>() + row, grad_initial.data_ptr<float>() + row * p.d_state,
+                                 dB_part.data_ptr<float>() + offset, dC_part.data_ptr<float>() + offset, buffers);
+        }
+      }
+    });
+  });
+
+  // Reduce the partial sums in a fixed order: over channel groups for dB/dC, over the batch for
+  // the per-channel parameters.
+  Tensor grad_B = at::empty({p.batch, p.d_state, p.length}, f32), grad_C = at::empty_like(grad_B);
+  const int64_t L = p.length, N = p.d_state, lanes = p.lanes;
+  at::parallel_for(0, p.batch * N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bn = begin; bn < end; ++bn) {
+      const int64_t b = bn / N, n = bn % N;
+      for (auto [part, out] : {std::pair{&dB_part, &grad_B}, std::pair{&dC_part, &grad_C}}) {
+        const float* src = part->data_ptr<float>() + b * n_groups * L * lanes + n;
+        float* dst = out->data_ptr<float>() + bn * L;
+        for (int64_t t = 0; t < L; ++t) {
+          float sum = 0.0f;
+          for (int64_t g = 0; g < n_groups; ++g) sum += src[(g * L + t) * lanes];
+          dst[t] = sum;
+        }
+      }
+    }
+  });
+  auto sum_over_batch = [&](const Tensor& rows) {
+    Tensor total = rows.select(0, 0).clone();
+    for (int64_t b = 1; b < p.batch; ++b) total.add_(rows.select(0, b));
+    return total;
+  };
+  Tensor grad_D = D ? sum_over_batch(dD_rows) : at::empty({0}, f32);
+  Tensor grad_bias = delta_bias ? sum_over_batch(dbias_rows) : at::empty({0}, f32);
+  if (!initial_state) grad_initial = at::empty({0}, f32);
+  return {grad_u, grad_delta, sum_over_batch(dA_rows), grad_B.to(B.scalar_type()), grad_C.to(C.scalar_type()),
+          grad_D, grad_z, grad_bias, grad_initial};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lethe_cpu, m) {
+  m.def("scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
+        "Tensor? initial_state, bool delta_softplus, int chunk) -> (Tensor, Tensor, Tensor)");
+  m.def("scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
+        "Tensor? initial_state, bool delta_softplus, int chunk, Tensor saved, Tensor grad_out, Tensor? grad_last) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(lethe_cpu, CPU, m) {
+  m.impl("scan_fwd", &scan_fwd);
+  m.impl("scan_bwd", &scan_bwd);
+}

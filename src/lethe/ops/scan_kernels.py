@@ -1,0 +1,254 @@
+"""The fused selective-scan kernels of `kernels/`, built on first use, behind custom ops.
+
+    y, last_state = scan_fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+
+One op, `lethe::selective_scan_fwd` / `lethe::selective_scan_bwd`, registered with
+torch.library (autograd formula and fake implementation included, so torch.compile traces
+through it without a graph break), dispatching on the device to:
+
+  cpu   kernels/selective_scan_cpu.cpp: threaded over (batch, channel), vectorized over d_state
+  cuda  kernels/selective_scan_cuda.cu: one thread block per (batch, channel), a block-wide
+        parallel scan over time (kernels/README.md has the design)
+
+Each is compiled the first time it is needed (torch.utils.cpp_extension + ninja) for this
+machine only (-march=native; the local GPU's architecture), into kernels/build/ under a name
+that hashes the sources, flags and torch version, so a changed source rebuilds and an unchanged
+one loads in a second. A failed build warns once and `auto` falls back to the PyTorch scan.
+`python -m lethe.ops.scan_kernels` (`make kernels`) builds ahead of time.
+
+Forward saves the state entering every chunk of `CHUNK[device]` steps (batch, channels,
+n_chunks, d_state) and, with z on CUDA, the output before the gate; backward recomputes the
+rest. Nothing of size batch x channels x length x d_state is kept.
+"""
+
+import hashlib
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+KERNEL_DIR = Path(__file__).resolve().parents[3] / "kernels"
+BUILD_DIR = Path(os.environ.get("LETHE_KERNEL_BUILD_DIR", KERNEL_DIR / "build"))
+SOURCES = {
+    "cpu": ["selective_scan_cpu.cpp"],
+    "cuda": ["selective_scan_cuda_binding.cpp", "selective_scan_cuda.cu"],
+}
+# Steps per saved chunk state. CUDA: 128 threads x 8 steps each (fixed in the kernel). CPU: a
+# chunk's decays and states (2 x 128 x d_state floats) stay in L1/L2 while backward walks it.
+CHUNK = {"cpu": 128, "cuda": 1024}
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STALE_LOCK_S = 600  # a build lock older than this was left by a killed build
+
+_status: dict[str, str | None] = {}  # device type -> None (loaded) or why the kernel is unavailable
+
+
+def _native_flags() -> list[str]:
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        return ["-march=native"]
+    if machine in ("aarch64", "arm64"):
+        return ["-mcpu=native"]
+    return []
+
+
+def _cpu_fingerprint() -> str:
+    """What -march=native compiles for: a build cache shared by different CPUs must not mix them."""
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def _build_options(device_type: str) -> dict:
+    if device_type == "cpu":
+        return dict(extra_cflags=["-O3", "-fopenmp", *_native_flags()], extra_ldflags=["-fopenmp"])
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"{major}{minor}"
+    return dict(
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
+        with_cuda=True,
+    )
+
+
+def _library_name(device_type: str, options: dict) -> str:
+    digest = hashlib.sha256()
+    for source in SOURCES[device_type]:
+        digest.update((KERNEL_DIR / source).read_bytes())
+    extra = _cpu_fingerprint() if device_type == "cpu" else torch.version.cuda
+    digest.update(f"{options}|{torch.__version__}|{sys.version_info[:2]}|{extra}".encode())
+    return f"lethe_scan_{device_type}_{digest.hexdigest()[:12]}"
+
+
+def _build(device_type: str) -> None:
+    """Compile (or load the cached build of) one kernel library into torch.ops.lethe_<device>."""
+    from torch.utils.cpp_extension import load
+
+    options = _build_options(device_type)
+    name = _library_name(device_type, options)
+    build_dir = BUILD_DIR / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    lock = build_dir / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        lock.unlink(missing_ok=True)  # otherwise every later build would wait on it forever
+    fresh = not any(build_dir.glob(f"{name}*.so"))
+    if fresh:
+        print(f"lethe: building the fused {device_type.upper()} selective-scan kernel (first use; about a minute)...",
+              file=sys.stderr, flush=True)
+    sources = [str(KERNEL_DIR / source) for source in SOURCES[device_type]]
+    load(name=name, sources=sources, build_directory=str(build_dir), is_python_module=False, verbose=False, **options)
+
+
+def unavailable(device_type: str) -> str | None:
+    """None when the fused kernel for `device_type` is loaded (building it on first call), else
+    why it cannot run, in a few words. A failed build warns once, with the log's location."""
+    if device_type in _status:
+        return _status[device_type]
+    reason = None
+    if device_type not in SOURCES:
+        reason = f"there is no fused kernel for {device_type} tensors"
+    elif os.environ.get("LETHE_DISABLE_KERNELS"):
+        reason = "disabled by LETHE_DISABLE_KERNELS"
+    elif not (KERNEL_DIR / SOURCES[device_type][0]).is_file():
+        reason = f"its sources are not in {KERNEL_DIR} (install Lethe from a clone: pip install -e .)"
+    elif device_type == "cuda" and not torch.cuda.is_available():
+        reason = "no CUDA device is available"
+    else:
+        try:
+            _build(device_type)
+        except Exception as exc:  # a compiler or toolchain problem: report it, never break the import
+            log = BUILD_DIR / f"build-{device_type}.log"
+            BUILD_DIR.mkdir(parents=True, exist_ok=True)
+            log.write_text(str(exc))
+            first = next((line.strip() for line in str(exc).splitlines() if "error" in line.lower()), str(exc).strip()[-200:])
+            reason = f"its build failed ({first[:200]}); full log in {log}"
+            warnings.warn(f"lethe: the fused {device_type} scan kernel is unavailable, using the PyTorch scan: {reason}",
+                          stacklevel=2)
+    _status[device_type] = reason
+    return reason
+
+
+def _kernel_ops(device_type: str):
+    reason = unavailable(device_type)
+    if reason is not None:
+        raise RuntimeError(f"lethe: the fused {device_type} scan kernel is unavailable: {reason}")
+    return getattr(torch.ops, f"lethe_{device_type}")
+
+
+def _n_chunks(u) -> int:
+    return -(-u.shape[-1] // CHUNK[u.device.type])
+
+
+def _saves_gate_input(u, z) -> bool:
+    """The CUDA kernel keeps y before the gate for dz; the CPU kernel recomputes it."""
+    return z is not None and u.device.type == "cuda"
+
+
+@torch.library.custom_op("lethe::selective_scan_fwd", mutates_args=())
+def selective_scan_fwd(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+    initial_state: torch.Tensor | None, delta_softplus: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns y, the last state, the chunk-entering states and (CUDA with z) y before the gate."""
+    ops = _kernel_ops(u.device.type)
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, CHUNK[u.device.type])
+    if u.device.type == "cpu":
+        y, last, saved = ops.scan_fwd(*args)
+        return y, last, saved, u.new_empty(0)
+    with torch.cuda.device(u.device):
+        return tuple(ops.scan_fwd(*args, torch.cuda.current_stream().cuda_stream))
+
+
+@selective_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+    batch, channels, _ = u.shape
+    d_state = A.shape[1]
+    y_pre = u.new_empty(u.shape) if _saves_gate_input(u, z) else u.new_empty(0)
+    return (u.new_empty(u.shape), u.new_empty(batch, channels, d_state, dtype=torch.float32),
+            u.new_empty(batch, channels, _n_chunks(u), d_state, dtype=torch.float32), y_pre)
+
+
+@torch.library.custom_op("lethe::selective_scan_bwd", mutates_args=())
+def selective_scan_bwd(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+    initial_state: torch.Tensor | None, delta_softplus: bool, saved: torch.Tensor, y_pre: torch.Tensor,
+    grad_y: torch.Tensor, grad_last: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of u, delta, A, B, C, D, z, delta_bias, initial_state (empty where the input is None)."""
+    ops = _kernel_ops(u.device.type)
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, CHUNK[u.device.type], saved)
+    if u.device.type == "cpu":
+        return tuple(ops.scan_bwd(*args, grad_y, grad_last))
+    with torch.cuda.device(u.device):
+        return tuple(ops.scan_bwd(*args, y_pre, grad_y, grad_last, torch.cuda.current_stream().cuda_stream))
+
+
+@selective_scan_bwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, saved, y_pre, grad_y, grad_last):
+    def like(t):
+        return torch.empty_like(t) if t is not None else u.new_empty(0, dtype=torch.float32)
+    grad_z = torch.empty_like(u) if z is not None else u.new_empty(0)
+    return (torch.empty_like(u), torch.empty_like(u), torch.empty_like(A), torch.empty_like(B), torch.empty_like(C),
+            like(D), grad_z, like(delta_bias), like(initial_state))
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus = inputs
+    _, _, saved, y_pre = output
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, saved, y_pre)
+    ctx.delta_softplus = delta_softplus
+    ctx.mark_non_differentiable(saved, y_pre)
+
+
+def _backward(ctx, grad_y, grad_last, _grad_saved, _grad_y_pre):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, saved, y_pre = ctx.saved_tensors
+    grad_y = torch.zeros_like(u) if grad_y is None else grad_y.contiguous()
+    grad_last = None if grad_last is None else grad_last.contiguous()
+    grads = selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, initial_state, ctx.delta_softplus,
+                               saved, y_pre, grad_y, grad_last)
+    optional_inputs = {5: D, 6: z, 7: delta_bias, 8: initial_state}
+    grads = [None if optional_inputs.get(i, True) is None else g for i, g in enumerate(grads)]
+    return (*grads, None)
+
+
+selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, initial_state=None):
+    """The whole selective scan (softplus, recurrence, C contraction, D skip, SiLU gate) in one
+    kernel. u's dtype (float32, bfloat16 or float16) is the dtype of delta, B, C, z and y; A, D,
+    delta_bias and the states are float32. Returns y and the last state (float32)."""
+    dtype = u.dtype
+
+    def like_u(t):
+        return None if t is None else t.to(dtype).contiguous()
+
+    def fp32(t):
+        return None if t is None else t.float().contiguous()
+
+    y, last, _, _ = selective_scan_fwd(u.contiguous(), like_u(delta), fp32(A), like_u(B), like_u(C), fp32(D),
+                                       like_u(z), fp32(delta_bias), fp32(initial_state), bool(delta_softplus))
+    return y, last
+
+
+def main() -> None:
+    """Build (or load) every kernel this machine can run and say which are ready."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device_type in devices:
+        start = time.perf_counter()
+        reason = unavailable(device_type)
+        state = f"ready ({time.perf_counter() - start:.1f} s)" if reason is None else f"unavailable: {reason}"
+        print(f"{device_type}: {state}")
+    if "cuda" not in devices:
+        print("cuda: no CUDA device here (the CUDA sources are compile-checked by the test suite when nvcc is present)")
+    sys.exit(0 if all(_status[d] is None for d in devices) else 1)
+
+
+if __name__ == "__main__":
+    main()
