@@ -1,86 +1,74 @@
-"""Score checkpoints and compare runs.
+"""Score checkpoints, sweep context lengths, and report sweeps.
 
-    python eval.py ckpt=logs/train/runs/<run>/checkpoints/best.ckpt [split=val]
+    python eval.py ckpt=<run>/checkpoints/best.ckpt          # one checkpoint
+    python eval.py ckpt=logs/compare/<time>                    # every run below a directory
+    python eval.py 'ckpt=[a.ckpt,b.ckpt]' lengths='[1,4,16]' max_tokens=65536
     python eval.py ckpt=imported.ckpt data=local data.source.path='corpus/*.txt' seq_len=1024
-    python eval.py runs=logs/compare/<time>         # a table of every run below the directory
+    python eval.py sweep=logs/sweep/multiruns/<time>           # one table + plots of a sweep
+
+Writes a markdown table to stdout and JSON, CSV and PNG plots to the eval directory
+(logs/eval/<time>/, or out_dir=...).
 """
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("LETHE_ROOT", str(ROOT))
 
 
-def score_checkpoint(cfg: DictConfig) -> dict:
-    import torch
-    from tqdm import tqdm
+def report_checkpoints(cfg: DictConfig, out_dir: Path) -> list[Path]:
+    from lethe.evaluation import evaluate_checkpoints, run_dir_of
+    from lethe.plots import plot_lengths, plot_val_curves
+    from lethe.report import eval_columns, markdown, write_tables
 
-    from lethe.config import instantiate
-    from lethe.errors import ConfigError
-    from lethe.training.checkpoint import load_trained_model
-    from lethe.training.module import perplexity, summed_nll
+    rows = evaluate_checkpoints(cfg)
+    columns = eval_columns(rows)
+    print(markdown(rows, columns))
+    if not cfg.get("data"):
+        for r in rows:
+            if not r["fingerprint_matches_run"]:
+                print(f"warning: {r['run']}: the data's fingerprint differs from the one it was trained on", file=sys.stderr)
+    runs = {r["run"]: run_dir_of(Path(r["ckpt"])) for r in rows}
+    written = write_tables(rows, columns, out_dir, "eval")
+    written.append(plot_lengths(rows, out_dir / "ppl_vs_length.png"))
+    written.append(plot_val_curves({k: v for k, v in runs.items() if v}, out_dir / "val_curves.png"))
+    return written
 
-    model, tokenizer, meta = load_trained_model(cfg.ckpt)
-    # Data and block length from the command line, else the training run's own. An imported
-    # checkpoint (python -m lethe.interop import) has no run, so both must be named.
-    run = meta["run_config"] or {}
-    data = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else run.get("data")
-    seq_len = cfg.seq_len or run.get("seq_len")
-    if data is None or seq_len is None:
-        missing = " and ".join(key for key, value in (("data", data), ("seq_len", seq_len)) if value is None)
-        raise ConfigError(f"checkpoint {cfg.ckpt} has no training run to take the {missing} from; name them, "
-                          "e.g. data=local data.source.path='corpus/*.txt' seq_len=1024")
-    if cfg.split not in ("train", "val", "test"):
-        raise ConfigError(f"split={cfg.split!r}; choose train, val or test")
-    if cfg.batch_size < 1 or (cfg.max_batches is not None and cfg.max_batches < 1):
-        raise ConfigError(f"batch_size={cfg.batch_size} and max_batches={cfg.max_batches} must be >= 1 (max_batches may be null)")
-    with tempfile.TemporaryDirectory() as tokenizer_dir:
-        # The checkpoint's own tokenizer, loaded from its files: eval never re-trains or downloads one.
-        tokenizer.save_pretrained(tokenizer_dir)
-        datamodule = instantiate(
-            {**data, "eval_batch_size": cfg.batch_size},
-            tokenizer={"kind": "pretrained", "name": tokenizer_dir},
-            seq_len=seq_len,
-            cache_dir=cfg.paths.data_dir,
-            _recursive_=False,
-        )
-        datamodule.setup()
-    if not cfg.get("data") and datamodule.fingerprint != meta["corpus_fingerprint"]:
-        print(f"warning: corpus fingerprint {datamodule.fingerprint} differs from the run's {meta['corpus_fingerprint']}", file=sys.stderr)
-    loader = datamodule.eval_dataloader(cfg.split)
-    total_nll, total_tokens = 0.0, 0
-    with torch.no_grad():
-        for i, batch in enumerate(tqdm(loader, desc=f"scoring {cfg.split}", unit="batch")):
-            if cfg.max_batches is not None and i >= cfg.max_batches:
-                break
-            nll, tokens = summed_nll(model, batch)
-            total_nll += nll.item()
-            total_tokens += int(tokens)
-    loss = total_nll / total_tokens
-    return {"ckpt": str(cfg.ckpt), "split": cfg.split, "num_params": meta["num_params"], "tokens": total_tokens,
-            "loss": loss, "ppl": perplexity(loss)}
+
+def report_sweep(cfg: DictConfig, out_dir: Path) -> list[Path]:
+    from lethe.plots import plot_sweep, plot_val_curves
+    from lethe.report import FAILED_COLUMNS, RUN_COLUMNS, best_per_size, find_failed, find_runs, markdown, markdown_table, write_tables
+
+    failed = find_failed(cfg.sweep)
+    runs = find_runs(cfg.sweep, allow_empty=bool(failed))
+    print(markdown_table(runs) if runs else "no finished run")
+    if failed:
+        print(f"\n{len(failed)} failed:\n{markdown(failed, FAILED_COLUMNS)}")
+    best = best_per_size(runs)
+    if len(best) < len(runs):
+        print(f"\nbest learning rate per size:\n{markdown(best, RUN_COLUMNS)}")
+    written = write_tables(runs, RUN_COLUMNS, out_dir, "sweep") + write_tables(failed, FAILED_COLUMNS, out_dir, "failed")
+    written.append(plot_sweep(runs, out_dir / "sweep.png"))
+    written.append(plot_val_curves({Path(m["run_dir"]).name: m["run_dir"] for m in runs}, out_dir / "val_curves.png"))
+    return written
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     from lethe.errors import LetheError
-    from lethe.report import find_runs, markdown_table
 
     try:
-        if cfg.runs:
-            print(markdown_table(find_runs(cfg.runs)))
-        elif cfg.ckpt:
-            r = score_checkpoint(cfg)
-            print(f"{r['ckpt']}\n{r['split']}: loss {r['loss']:.4f}  perplexity {r['ppl']:.3f}  "
-                  f"({r['tokens']:,} tokens, {r['num_params']:,} parameters)")
-        else:
-            raise LetheError("nothing to evaluate: pass ckpt=<file.ckpt> or runs=<run or sweep directory>")
+        if bool(cfg.ckpt) == bool(cfg.sweep):
+            raise LetheError("pass one of ckpt=<file.ckpt | run or sweep directory | [list]> (score checkpoints) "
+                             "or sweep=<directory> (tabulate a sweep's runs)")
+        out_dir = Path(cfg.out_dir or cfg.paths.output_dir)
+        written = (report_checkpoints if cfg.ckpt else report_sweep)(cfg, out_dir)
+        print("\nwrote " + "  ".join(str(p) for p in written if p), flush=True)
     except LetheError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)

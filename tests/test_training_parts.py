@@ -93,9 +93,12 @@ def test_summed_nll_is_the_token_sum_of_cross_entropy():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 7, generator=g)
     labels = torch.randint(0, 7, (2, 5), generator=g)
-    nll, tokens = summed_nll(lambda ids: logits, {"input_ids": labels, "labels": labels})
-    expected = -sum(torch.log_softmax(logits[b, t], -1)[labels[b, t]] for b in range(2) for t in range(5))
-    assert tokens == 10 and nll.item() == pytest.approx(expected.item(), rel=1e-6)
+    labels[0, :2] = -100  # unscored positions count nowhere
+    nll, tokens, correct = summed_nll(lambda ids: logits, {"input_ids": labels, "labels": labels})
+    scored = [(b, t) for b in range(2) for t in range(5) if labels[b, t] != -100]
+    expected = -sum(torch.log_softmax(logits[b, t], -1)[labels[b, t]] for b, t in scored)
+    assert tokens == 8 and nll.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert correct == sum(int(logits[b, t].argmax() == labels[b, t]) for b, t in scored)
 
 
 def test_optimizer_groups_follow_the_models_decay_split():

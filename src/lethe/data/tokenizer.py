@@ -40,6 +40,30 @@ def bytes_to_unicode() -> dict:
     return dict(zip(printable, map(chr, chars)))
 
 
+def token_byte_lengths(tok: PreTrainedTokenizerFast):
+    """UTF-8 bytes of text each token id stands for (special tokens: 0), for bits per byte.
+    Exact for byte-level tokenizers (Lethe's byte and BPE, GPT-2/NeoX), whose token strings are
+    bytes in GPT-2's printable map; otherwise each token's own decoding (SentencePiece "▁" = one
+    space, "<0xNN>" byte fallback = one byte)."""
+    import json
+
+    import numpy as np
+
+    byte_level = '"ByteLevel"' in json.dumps(json.loads(tok.backend_tokenizer.to_str()).get("decoder"))
+    special = set(tok.all_special_ids)
+    lengths = np.zeros(len(tok), dtype=np.int64)
+    for token, i in tok.get_vocab().items():
+        if i in special or i >= len(lengths):
+            continue
+        if byte_level:  # one printable character per byte
+            lengths[i] = len(token)
+        elif token.startswith("<0x") and token.endswith(">"):
+            lengths[i] = 1
+        else:
+            lengths[i] = len(token.replace("\u2581", " ").encode())
+    return lengths
+
+
 def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS)
 

@@ -19,11 +19,14 @@ class NonFiniteLossError(LetheError):
 
 
 def summed_nll(model, batch):
-    """Sum of next-token negative log-likelihoods over a batch, and the number of scored tokens."""
+    """Over a batch's scored positions (labels != -100): the summed next-token negative
+    log-likelihood, the number of scored tokens, and how many the argmax predicts right (the
+    accuracy of the synthetic tasks, whose only scored positions are their answers)."""
     logits = model(batch["input_ids"])
     labels = batch["labels"]
     nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100)
-    return nll, (labels != -100).sum()
+    scored = labels != -100
+    return nll, scored.sum(), (logits.argmax(-1).eq(labels) & scored).sum()
 
 
 class LanguageModelTask(L.LightningModule):
@@ -44,7 +47,7 @@ class LanguageModelTask(L.LightningModule):
         self._eval_sums = {}
 
     def training_step(self, batch, batch_idx):
-        nll, tokens = summed_nll(self.model, batch)
+        nll, tokens, _ = summed_nll(self.model, batch)
         loss = nll / tokens
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
@@ -59,12 +62,12 @@ class LanguageModelTask(L.LightningModule):
 
     # ---- evaluation: token-weighted over the whole split, summed across ranks ----------------
     def _eval_step(self, stage, batch):
-        nll, tokens = summed_nll(self.model, batch)
-        sums = self._eval_sums.setdefault(stage, torch.zeros(2, dtype=torch.float64, device=self.device))
-        sums += torch.stack([nll.detach().double(), tokens.double()])
+        nll, tokens, correct = summed_nll(self.model, batch)
+        sums = self._eval_sums.setdefault(stage, torch.zeros(3, dtype=torch.float64, device=self.device))
+        sums += torch.stack([nll.detach().double(), tokens.double(), correct.double()])
 
     def _eval_epoch_end(self, stage):
-        sums = self._eval_sums.pop(stage, torch.zeros(2, dtype=torch.float64, device=self.device))
+        sums = self._eval_sums.pop(stage, torch.zeros(3, dtype=torch.float64, device=self.device))
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum") if self.trainer.world_size > 1 else sums
         if sums[1] == 0:
             return
@@ -75,6 +78,7 @@ class LanguageModelTask(L.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", **options)
         self.log(f"{stage}/ppl", torch.exp(loss), prog_bar=stage == "val", **options)
         self.log(f"{stage}/tokens", sums[1].float(), **options)
+        self.log(f"{stage}/acc", (sums[2] / sums[1]).float(), **options)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step("val", batch)

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from lethe.config import instantiate, validate
 from lethe.data import tokenizer_fingerprint
 from lethe.errors import ConfigError, DataError
+from lethe.models.matching import describe
 from lethe.training.callbacks import ThroughputMonitor, write_json_atomic
 from lethe.training.checkpoint import (
     AtomicCheckpointIO, model_state, read_checkpoint, tokenizer_files, tokenizer_from_files,
@@ -27,8 +28,16 @@ def build_datamodule(cfg: DictConfig):
     return instantiate(cfg.data, tokenizer=tokenizer, seq_len=cfg.seq_len, cache_dir=cfg.paths.data_dir, _recursive_=False)
 
 
-def build_model(cfg: DictConfig, vocab_size: int):
-    model = instantiate(cfg.model, vocab_size=vocab_size, _convert_="all")
+def model_config(cfg: DictConfig, vocab_size: int) -> tuple[dict, dict | None]:
+    """The model to build, and with baseline=matched the matching report (None otherwise)."""
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if not cfg.get("baseline"):
+        return model_cfg, None
+    return instantiate(cfg.baseline)(model_cfg, vocab_size)
+
+
+def build_model(cfg: DictConfig, vocab_size: int, model_cfg: dict | None = None):
+    model = instantiate(model_cfg or cfg.model, vocab_size=vocab_size, _convert_="all")
     max_len = getattr(model, "max_seq_len", None)
     if max_len is not None and cfg.seq_len > max_len:
         raise ConfigError(f"seq_len={cfg.seq_len} is longer than model.max_seq_len={max_len}; lower seq_len or raise model.max_seq_len")
@@ -91,7 +100,10 @@ def train(cfg: DictConfig) -> dict:
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model = build_model(cfg, datamodule.vocab_size)
+    model_cfg, matched = model_config(cfg, datamodule.vocab_size)
+    model = build_model(cfg, datamodule.vocab_size, model_cfg)
+    if matched:
+        log.info("%s %s", cfg.run_name, describe(matched))
     if cfg.ckpt_path:
         check_resumable(cfg.ckpt_path, model)
     if cfg.init_from:
@@ -135,7 +147,7 @@ def train(cfg: DictConfig) -> dict:
     throughput = next((c for c in callbacks if isinstance(c, ThroughputMonitor)), None)
     metrics = {
         "run_name": cfg.run_name,
-        "model": cfg.model._target_.rsplit(".", 1)[-1],
+        "model": type(model).__name__,
         "model_config": model.config,
         "num_params": model.num_params(),
         "num_params_non_embedding": model.num_params(exclude_embedding=True),
@@ -145,6 +157,7 @@ def train(cfg: DictConfig) -> dict:
         "train_time_s": throughput.summary.get("train_time_s") if throughput else None,
         "corpus_fingerprint": datamodule.fingerprint,
         "init_from": cfg.init_from,
+        "matched": matched,
         "checkpoints": checkpoints,
         **results,
     }
@@ -167,7 +180,8 @@ def _scores(metrics: dict, stage: str) -> dict:
     if f"{stage}/loss" not in metrics:
         return {}
     loss = float(metrics[f"{stage}/loss"])
-    return {f"{stage}_loss": loss, f"{stage}_ppl": perplexity(loss), f"{stage}_tokens": int(metrics[f"{stage}/tokens"])}
+    return {f"{stage}_loss": loss, f"{stage}_ppl": perplexity(loss), f"{stage}_tokens": int(metrics[f"{stage}/tokens"]),
+            f"{stage}_acc": float(metrics[f"{stage}/acc"])}
 
 
 def _finish_wandb(loggers):
@@ -190,6 +204,8 @@ def print_summary(metrics: dict, output_dir: Path, loggers) -> None:
                 f"{stage:<13}loss {metrics[f'{stage}_loss']:.4f}  perplexity {metrics[f'{stage}_ppl']:.3f}"
                 f"  ({metrics[f'{stage}_tokens']:,} tokens)"
             )
+    if metrics.get("matched"):
+        lines.append(f"baseline     {describe(metrics['matched'])}")
     ckpts = metrics["checkpoints"]
     if ckpts.get("best"):
         lines.append(f"checkpoint   {ckpts['best']}")

@@ -1,0 +1,171 @@
+"""Scoring trained checkpoints: perplexity, bits per byte and answer accuracy over whole splits,
+at the training length and at other context lengths (what `eval.py ckpt=...` runs).
+
+Token-weighted: a split's loss is its summed next-token NLL divided by the number of scored
+tokens (not a mean of batch means); that number is reported exactly. Bits per byte divide the
+same summed NLL (in bits) by the UTF-8 bytes the scored tokens stand for (separators count 0),
+so models with different tokenizers compare on the same text.
+
+Context length and documents: a split is its documents joined by <eos> into one stream, cut into
+consecutive blocks of L tokens (LMDataModule). Each block is scored from an empty state (no
+context crosses a block boundary); inside a block, context does cross document boundaries: the
+model sees the <eos> separator and the end of the previous document, exactly as in training.
+At L, the first `max_tokens // L` blocks are scored (all when max_tokens is null), so a
+max_tokens that is a multiple of every L scores the very same tokens at every length. Synthetic
+tasks are generated afresh at length L (their examples, not a stream).
+"""
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from lethe.config import instantiate
+from lethe.data.tokenizer import token_byte_lengths
+from lethe.errors import ConfigError, LetheError
+from lethe.training.checkpoint import load_trained_model
+from lethe.training.module import perplexity, summed_nll
+
+
+def find_checkpoints(spec) -> list[Path]:
+    """Checkpoint files from `ckpt=`: a file, a run or sweep directory (each run's best.ckpt, else
+    its last.ckpt), or a list of those."""
+    found = []
+    for item in spec if isinstance(spec, (list, tuple)) or OmegaConf.is_list(spec) else [spec]:
+        path = Path(str(item))
+        if path.is_dir():
+            runs = sorted({p.parent for p in path.rglob("*.ckpt")})
+            picked = [next((r / n for n in ("best.ckpt", "last.ckpt") if (r / n).is_file()), None) for r in runs]
+            if not any(picked):
+                raise LetheError(f"ckpt={path} holds no best.ckpt or last.ckpt; point at a run, a sweep or a .ckpt file")
+            found += [p for p in picked if p]
+        elif path.suffix != ".ckpt" and not path.exists():
+            raise LetheError(f"ckpt={path} does not exist; pass a .ckpt file, a run or a sweep directory")
+        else:
+            found.append(path)  # read_checkpoint explains a missing, corrupt or foreign file
+    return found
+
+
+def run_dir_of(ckpt: Path) -> Path | None:
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+
+
+@dataclass
+class Scores:
+    tokens: int
+    loss: float
+    ppl: float
+    bpb: float | None
+    acc: float
+
+    @classmethod
+    def from_sums(cls, nll: float, tokens: int, correct: int, num_bytes: int):
+        if tokens == 0:
+            raise LetheError("no token was scored; raise max_tokens or lower the length")
+        loss = nll / tokens
+        bpb = nll / (math.log(2) * num_bytes) if num_bytes else None
+        return cls(tokens, loss, perplexity(loss), bpb, correct / tokens)
+
+
+@torch.no_grad()
+def score(model, loader, byte_lengths: torch.Tensor, max_blocks: int | None = None, desc: str = "scoring") -> Scores:
+    """Token-weighted scores of the first max_blocks blocks (all if None) the loader yields."""
+    nll, tokens, correct, num_bytes, blocks = 0.0, 0, 0, 0, 0
+    device = next(model.parameters()).device
+    total = len(loader) if max_blocks is None else math.ceil(max_blocks / loader.batch_size)
+    for batch in tqdm(loader, desc=desc, unit="batch", total=min(total, len(loader)), leave=False):
+        if max_blocks is not None:
+            batch = {k: v[: max_blocks - blocks] for k, v in batch.items()}
+            if len(batch["labels"]) == 0:
+                break
+        blocks += len(batch["labels"])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        batch_nll, batch_tokens, batch_correct = summed_nll(model, batch)
+        labels = batch["labels"]
+        nll += batch_nll.item()  # summed in float64 across batches
+        tokens += int(batch_tokens)
+        correct += int(batch_correct)
+        num_bytes += int(byte_lengths.to(device)[labels[labels != -100]].sum())
+    return Scores.from_sums(nll, tokens, correct, num_bytes)
+
+
+class CheckpointEvaluator:
+    """One checkpoint with its own tokenizer, scored on its training data (or `cfg.data`)."""
+
+    def __init__(self, path: Path, cfg: DictConfig):
+        self.path, self.cfg = path, cfg
+        self.model, self.tokenizer, self.meta = load_trained_model(path)
+        self.model.to("cuda" if torch.cuda.is_available() else "cpu")
+        run = self.meta["run_config"] or {}
+        self.run_name = run.get("run_name") or path.stem
+        self.data = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else run.get("data")
+        self.seq_len = cfg.seq_len or run.get("seq_len")
+        if self.data is None or self.seq_len is None:
+            missing = " and ".join(k for k, v in (("data", self.data), ("seq_len", self.seq_len)) if v is None)
+            raise ConfigError(f"checkpoint {path} has no training run to take the {missing} from; name them, "
+                              "e.g. data=local data.source.path='corpus/*.txt' seq_len=1024")
+        self.byte_lengths = torch.from_numpy(token_byte_lengths(self.tokenizer))
+        self.fingerprint = None
+
+    def datamodule(self, seq_len: int, tokenizer_dir: str):
+        batch_size = max(1, self.cfg.batch_size * self.seq_len // seq_len)  # about the same tokens per batch
+        datamodule = instantiate({**self.data, "eval_batch_size": batch_size},
+                                 tokenizer={"kind": "pretrained", "name": tokenizer_dir}, seq_len=seq_len,
+                                 cache_dir=self.cfg.paths.data_dir, _recursive_=False)
+        datamodule.setup()
+        self.fingerprint = datamodule.fingerprint
+        return datamodule
+
+    def score_split(self, split: str, seq_len: int, tokenizer_dir: str) -> Scores:
+        max_seq_len = getattr(self.model, "max_seq_len", None)
+        if max_seq_len is not None and seq_len > max_seq_len:
+            self.model.max_seq_len = seq_len  # RoPE has no learned positions: the bound is a guard, not a limit
+        loader = self.datamodule(seq_len, tokenizer_dir).eval_dataloader(split)
+        max_blocks = None if self.cfg.max_tokens is None else max(1, self.cfg.max_tokens // seq_len)
+        return score(self.model, loader, self.byte_lengths, max_blocks, desc=f"{self.run_name} {split} @{seq_len}")
+
+    def evaluate(self) -> dict:
+        cfg = self.cfg
+        for split in [*cfg.splits, cfg.length_split]:
+            if split not in ("train", "val", "test"):
+                raise ConfigError(f"split {split!r} in splits/length_split; choose train, val or test")
+        lengths = sorted({max(1, round(f * self.seq_len)) for f in cfg.lengths or []})
+        results = {"run": self.run_name, "ckpt": str(self.path), "model": self.meta["model_target"].rsplit(".", 1)[-1],
+                   "params": self.meta["num_params"], "train_seq_len": self.seq_len, "tokens_trained": self.tokens_trained()}
+        with tempfile.TemporaryDirectory() as tokenizer_dir:
+            # the checkpoint's own tokenizer, from its files: eval never re-trains or downloads one
+            self.tokenizer.save_pretrained(tokenizer_dir)
+            for split in cfg.splits:
+                results[split] = vars(self.score_split(split, self.seq_len, tokenizer_dir))
+            results["lengths"] = []
+            for length in lengths:
+                same = length == self.seq_len and cfg.length_split in cfg.splits
+                scores = results[cfg.length_split] if same else vars(self.score_split(cfg.length_split, length, tokenizer_dir))
+                results["lengths"].append({"length": length, **scores})
+        results["corpus_fingerprint"] = self.fingerprint
+        results["synthetic"] = str(self.fingerprint).startswith("synthetic")
+        results["fingerprint_matches_run"] = self.fingerprint == self.meta.get("corpus_fingerprint")
+        return results
+
+    def tokens_trained(self):
+        run_dir = run_dir_of(self.path)
+        metrics = run_dir / "metrics.json" if run_dir else None
+        if metrics and metrics.is_file():
+            return json.loads(metrics.read_text()).get("tokens_seen")
+        return None
+
+
+def evaluate_checkpoints(cfg: DictConfig) -> list[dict]:
+    if cfg.batch_size < 1 or (cfg.max_tokens is not None and cfg.max_tokens < 1):
+        raise ConfigError(f"batch_size={cfg.batch_size} and max_tokens={cfg.max_tokens} must be >= 1 (max_tokens may be null)")
+    paths = find_checkpoints(cfg.ckpt)
+    rows = []
+    for i, path in enumerate(paths):
+        print(f"[{i + 1}/{len(paths)}] {path}", flush=True)
+        rows.append(CheckpointEvaluator(path, cfg).evaluate())
+    return rows
