@@ -36,6 +36,9 @@ BUILD_DIR = Path(os.environ.get("LETHE_KERNEL_BUILD_DIR", KERNEL_DIR / "build"))
 SOURCES = {
     "cpu": ["selective_scan_cpu.cpp"],
     "cuda": ["selective_scan_cuda_binding.cpp", "selective_scan_cuda.cu"],
+    # the CUDA kernels' source run on CPU threads (kernels/cuda_emulation.h), float32 only: how
+    # the tests check the CUDA algorithm on machines without a GPU
+    "cuda_emulated": ["selective_scan_cuda_binding.cpp", "cuda_emulation.cpp"],
 }
 # Steps per saved chunk state. CUDA: 128 threads x 8 steps each (fixed in the kernel). CPU: a
 # chunk's decays and states (2 x 128 x d_state floats) stay in L1/L2 while backward walks it.
@@ -66,6 +69,8 @@ def _cpu_fingerprint() -> str:
 def _build_options(device_type: str) -> dict:
     if device_type == "cpu":
         return dict(extra_cflags=["-O3", "-fopenmp", *_native_flags()], extra_ldflags=["-fopenmp"])
+    if device_type == "cuda_emulated":
+        return dict(extra_cflags=["-O1", "-DLETHE_CUDA_EMULATION", f"-I{KERNEL_DIR}"], with_cuda=False)
     major, minor = torch.cuda.get_device_capability()
     arch = f"{major}{minor}"
     return dict(
@@ -79,7 +84,7 @@ def _library_name(device_type: str, options: dict) -> str:
     digest = hashlib.sha256()
     for source in SOURCES[device_type]:
         digest.update((KERNEL_DIR / source).read_bytes())
-    extra = _cpu_fingerprint() if device_type == "cpu" else torch.version.cuda
+    extra = torch.version.cuda if device_type == "cuda" else _cpu_fingerprint()
     digest.update(f"{options}|{torch.__version__}|{sys.version_info[:2]}|{extra}".encode())
     return f"lethe_scan_{device_type}_{digest.hexdigest()[:12]}"
 
