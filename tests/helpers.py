@@ -7,7 +7,13 @@ from pathlib import Path
 
 import torch
 
+from lethe.ops import SCAN_IMPL_CHOICES
+
 ROOT = Path(__file__).resolve().parents[1]
+# Scan implementations that run on CPU tensors ("cuda" needs a GPU: tests/test_kernels.py), and
+# those that take float64 (the fused kernels compute in float32 and take float32/16 inputs).
+CPU_SCAN_IMPLS = tuple(impl for impl in SCAN_IMPL_CHOICES if impl != "cuda")
+FLOAT64_SCAN_IMPLS = ("auto", "reference", "chunked")
 
 
 def run_script(script, *args, cwd=ROOT, env_extra=None, check=True, timeout=600):

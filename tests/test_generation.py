@@ -8,10 +8,10 @@ from lethe.data import byte_tokenizer
 from lethe.errors import ConfigError
 from lethe.generation import generate, sample_next_token
 from lethe.models import MambaLM, TransformerLM
-from lethe.ops import SCAN_IMPL_CHOICES, causal_conv1d, causal_conv1d_reference
+from lethe.ops import causal_conv1d, causal_conv1d_reference
 from lethe.training.checkpoint import save_model_checkpoint
 
-from helpers import perturbed, run_script
+from helpers import CPU_SCAN_IMPLS, perturbed, run_script
 
 VOCAB = 61
 
@@ -25,7 +25,7 @@ def tiny_model(kind, scan_impl="auto", seed=0):
     return perturbed(model)
 
 
-MODELS = [("mamba", impl) for impl in SCAN_IMPL_CHOICES] + [("transformer", None)]
+MODELS = [("mamba", impl) for impl in CPU_SCAN_IMPLS] + [("transformer", None)]
 
 
 def decode_in_segments(model, ids, segments):

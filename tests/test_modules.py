@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from lethe.modules import CausalSelfAttention, MambaMixer, RMSNorm, apply_rope, rope_angles
-from lethe.ops import SCAN_IMPL_CHOICES
+
+from helpers import FLOAT64_SCAN_IMPLS
 
 SELECTIVE_COMBOS = [dict(zip(("delta", "B", "C"), bits)) for bits in itertools.product([True, False], repeat=3)]
 
@@ -117,7 +118,7 @@ def random_mixer(selective, scan_impl="reference", **kwargs):
     return mixer
 
 
-@pytest.mark.parametrize("impl", SCAN_IMPL_CHOICES)
+@pytest.mark.parametrize("impl", FLOAT64_SCAN_IMPLS)
 @pytest.mark.parametrize("selective", SELECTIVE_COMBOS, ids=lambda s: "".join(k for k, v in s.items() if v) or "none")
 def test_mixer_matches_hand_computation(selective, impl):
     torch.manual_seed(2)

@@ -5,10 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from lethe.errors import ConfigError
-from lethe.ops import SCAN_IMPL_CHOICES, causal_conv1d, causal_conv1d_reference, scan_reference, selective_scan
+from lethe.ops import causal_conv1d, causal_conv1d_reference, scan_reference, selective_scan
 from lethe.ops.scan_chunked import scan_chunked
 
-FAST_IMPLS = [impl for impl in SCAN_IMPL_CHOICES if impl != "reference"]
+from helpers import CPU_SCAN_IMPLS
+
+# every implementation but the reference; the CUDA kernel runs on a GPU only (`make test-gpu`)
+FAST_IMPLS = [impl for impl in CPU_SCAN_IMPLS if impl != "reference"] + [pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def make_inputs(batch, channels, length, d_state, dtype=torch.float32, seed=0, delta_scale=1.0):
@@ -31,7 +34,9 @@ def make_inputs(batch, channels, length, d_state, dtype=torch.float32, seed=0, d
 
 
 def run(impl, inputs, use_z, use_bias, use_state):
-    args = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in inputs.items()}
+    """y, last state and the gradients of every input, computed on the impl's device, returned on CPU."""
+    device = "cuda" if impl == "cuda" else "cpu"
+    args = {k: v.detach().to(device, copy=True).requires_grad_(v.is_floating_point()) for k, v in inputs.items()}
     if not use_z:
         args.pop("z")
     if not use_bias:
@@ -41,17 +46,28 @@ def run(impl, inputs, use_z, use_bias, use_state):
     y, last = selective_scan(**args, impl=impl)
     # a loss that weights every output and the final state, so every gradient path is exercised
     g = torch.Generator().manual_seed(1)
-    loss = (y.float() * torch.randn(y.shape, generator=g)).sum() + (last * torch.randn(last.shape, generator=g)).sum()
+    weights_y, weights_last = torch.randn(y.shape, generator=g).to(device), torch.randn(last.shape, generator=g).to(device)
+    loss = (y.float() * weights_y).sum() + (last * weights_last).sum()
     loss.backward()
-    return y, last, {k: v.grad for k, v in args.items()}
+    return y.cpu(), last.cpu(), {k: v.grad.cpu() for k, v in args.items()}
 
 
-SHAPES = [  # (batch, channels, length, d_state): length 1, odd lengths, just past a chunk boundary
+def random_shapes(count, seed):
+    """(batch, channels, length, d_state) drawn from the ranges where implementations differ:
+    odd lengths, d_state not a multiple of the CPU kernel's vector width."""
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda low, high: int(torch.randint(low, high + 1, (1,), generator=g))  # noqa: E731
+    return [(draw(1, 3), draw(1, 9), 2 * draw(1, 150) + 1, draw(1, 20)) for _ in range(count)]
+
+
+SHAPES = [  # (batch, channels, length, d_state): length 1, odd lengths, around chunk boundaries
     (1, 3, 1, 1),
     (2, 5, 7, 4),
     (1, 8, 17, 16),
     (2, 4, 65, 64),
-    (3, 6, 129, 2),
+    (3, 6, 129, 2),  # just past the CPU kernel's 128-step chunk
+    (1, 2, 1025, 16),  # just past the CUDA kernel's 1024-step chunk
+    *random_shapes(3, seed=2026),
 ]
 
 
@@ -114,20 +130,22 @@ def test_stable_for_long_sequences_and_extreme_delta(impl):
     torch.testing.assert_close(last, last_ref, rtol=6e-4, atol=2e-3)
 
 
-def test_state_carries_across_segments():
+@pytest.mark.parametrize("impl", ["chunked", "cpu"])
+def test_state_carries_across_segments(impl):
     """Scanning [first; second] equals scanning first, then second from first's final state."""
-    inputs = make_inputs(2, 4, 50, 8, seed=9)
-    whole, last_whole = selective_scan(**{k: v for k, v in inputs.items() if k != "initial_state"}, impl="chunked")
+    inputs = make_inputs(2, 4, 300, 8, seed=9)
+    whole, last_whole = selective_scan(**{k: v for k, v in inputs.items() if k != "initial_state"}, impl=impl)
     split = {k: v for k, v in inputs.items() if k not in ("initial_state",)}
-    first = {k: (v[..., :20] if v.dim() == 3 else v) for k, v in split.items()}
-    second = {k: (v[..., 20:] if v.dim() == 3 else v) for k, v in split.items()}
-    y1, state = selective_scan(**first, impl="chunked")
-    y2, last = selective_scan(**second, initial_state=state, impl="chunked")
+    first = {k: (v[..., :130] if v.dim() == 3 else v) for k, v in split.items()}
+    second = {k: (v[..., 130:] if v.dim() == 3 else v) for k, v in split.items()}
+    y1, state = selective_scan(**first, impl=impl)
+    y2, last = selective_scan(**second, initial_state=state, impl=impl)
     torch.testing.assert_close(torch.cat([y1, y2], -1), whole, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(last, last_whole, rtol=1e-5, atol=1e-5)
 
 
-def test_chunked_saves_nothing_of_size_batch_channels_length_state():
+@pytest.mark.parametrize("impl", ["chunked", "cpu"])
+def test_saves_nothing_of_size_batch_channels_length_state(impl):
     b, d, l, n = 2, 16, 64, 8
     inputs = make_inputs(b, d, l, n, seed=2)
     args = {k: v.clone().requires_grad_() for k, v in inputs.items()}
@@ -138,7 +156,7 @@ def test_chunked_saves_nothing_of_size_batch_channels_length_state():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y, _ = selective_scan(**args, impl="chunked")
+        y, _ = selective_scan(**args, impl=impl)
     assert saved_numels and max(saved_numels) <= b * d * l
     # the reference, by contrast, keeps per-step states: sanity check that the hook sees them
     saved_numels.clear()

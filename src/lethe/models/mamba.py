@@ -6,7 +6,7 @@ from lethe.errors import ConfigError
 from lethe.models.lm import LanguageModel, constructor_args, require, require_int, require_positive
 from lethe.modules import Block, MambaMixer
 from lethe.modules.mamba import ALL_SELECTIVE
-from lethe.ops import SCAN_IMPL_CHOICES
+from lethe.ops import SCAN_IMPL_CHOICES, scan_kernels
 
 
 def normalize_selective(selective) -> dict:
@@ -73,3 +73,8 @@ class MambaLM(LanguageModel):
             for _ in range(n_layer)
         ]
         super().__init__(config, blocks, vocab_size, d_model, norm_eps, pad_vocab_multiple)
+
+    def compile(self, *args, **kwargs):
+        # Build the fused scan kernels first: tracing can call the compiled op but not build it.
+        scan_kernels.prepare()
+        super().compile(*args, **kwargs)

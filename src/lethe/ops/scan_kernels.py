@@ -113,6 +113,8 @@ def unavailable(device_type: str) -> str | None:
     why it cannot run, in a few words. A failed build warns once, with the log's location."""
     if device_type in _status:
         return _status[device_type]
+    if torch.compiler.is_compiling():  # a build cannot be traced; prepare() before compiling
+        return "not built before torch.compile traced the model (call lethe.ops.scan_kernels.prepare() first)"
     reason = None
     if device_type not in SOURCES:
         reason = f"there is no fused kernel for {device_type} tensors"
@@ -242,17 +244,23 @@ def scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
     return y, last
 
 
+def prepare() -> dict[str, str | None]:
+    """Build or load the kernels for every device this machine has; returns `unavailable` of each.
+    torch.compile needs this done before it traces (MambaLM.compile calls it)."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return {device_type: unavailable(device_type) for device_type in devices}
+
+
 def main() -> None:
     """Build (or load) every kernel this machine can run and say which are ready."""
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device_type in devices:
-        start = time.perf_counter()
-        reason = unavailable(device_type)
-        state = f"ready ({time.perf_counter() - start:.1f} s)" if reason is None else f"unavailable: {reason}"
-        print(f"{device_type}: {state}")
-    if "cuda" not in devices:
+    start = time.perf_counter()
+    status = prepare()
+    for device_type, reason in status.items():
+        print(f"{device_type}: " + ("ready" if reason is None else f"unavailable: {reason}"))
+    print(f"({time.perf_counter() - start:.1f} s)")
+    if "cuda" not in status:
         print("cuda: no CUDA device here (the CUDA sources are compile-checked by the test suite when nvcc is present)")
-    sys.exit(0 if all(_status[d] is None for d in devices) else 1)
+    sys.exit(0 if all(reason is None for reason in status.values()) else 1)
 
 
 if __name__ == "__main__":
