@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 COMPARE_DIR := logs/compare/$(shell date +%Y-%m-%d_%H-%M-%S)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-gpu eval generate export import compare sweep bench bench-generate clean distclean
+.PHONY: help install kernels train test test-gpu eval generate export import compare sweep bench bench-generate clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	@test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	@touch $(STAMP)
+
+kernels: install ## build the fused scan kernels for this machine now (otherwise built on first use)
+	$(PYTHON) -m lethe.ops.scan_kernels
 
 train: install ## train mamba-tiny on the embedded corpus (a few minutes on 2 CPU cores)
 	$(PYTHON) train.py $(ARGS)
@@ -49,7 +52,7 @@ compare: install ## train mamba-tiny and the parameter-matched transformer-tiny,
 sweep: install ## a learning-rate sweep over both tiny models (Hydra multirun)
 	$(PYTHON) train.py -m optim.lr=1e-3,3e-3 model=mamba-tiny,transformer-tiny task_name=sweep $(ARGS)
 
-bench: install ## scan speed: chunked vs the sequential reference
+bench: install ## scan speed and memory: fused kernels, chunked and the sequential reference side by side
 	$(PYTHON) bench/scan.py $(ARGS)
 
 bench-generate: install ## decoding speed and memory: Mamba's state vs the Transformer's KV cache
@@ -58,7 +61,7 @@ bench-generate: install ## decoding speed and memory: Mamba's state vs the Trans
 clean: ## remove caches (tokenized data, __pycache__, pytest); keeps runs in logs/
 	find data -mindepth 1 -maxdepth 1 ! -name README.md ! -name .gitignore -exec rm -rf {} +
 	find . -name __pycache__ -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
-	rm -rf .pytest_cache src/*.egg-info
+	rm -rf .pytest_cache src/*.egg-info kernels/build
 
 distclean: clean ## also remove .venv and logs/
 	rm -rf $(VENV) logs

@@ -24,6 +24,7 @@ rest. Nothing of size batch x channels x length x d_state is kept.
 import hashlib
 import os
 import platform
+import shutil
 import sys
 import time
 import warnings
@@ -89,11 +90,27 @@ def _library_name(device_type: str, options: dict) -> str:
     return f"lethe_scan_{device_type}_{digest.hexdigest()[:12]}"
 
 
+def _ensure_ninja_on_path() -> None:
+    """cpp_extension runs `ninja` from PATH; the pip package's binary is not there unless the
+    virtualenv is activated."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+
+
 def _build(device_type: str) -> None:
     """Compile (or load the cached build of) one kernel library into torch.ops.lethe_<device>."""
     from torch.utils.cpp_extension import load
 
+    _ensure_ninja_on_path()
     options = _build_options(device_type)
+    if device_type == "cuda":  # cpp_extension would otherwise add every visible GPU's architecture
+        major, minor = torch.cuda.get_device_capability()
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
     name = _library_name(device_type, options)
     build_dir = BUILD_DIR / name
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -211,6 +228,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, saved, y_pre)
     ctx.delta_softplus = delta_softplus
     ctx.mark_non_differentiable(saved, y_pre)
+    ctx.set_materialize_grads(False)  # an unused last state stays None instead of a tensor of zeros
 
 
 def _backward(ctx, grad_y, grad_last, _grad_saved, _grad_y_pre):
