@@ -2,7 +2,6 @@
 
 import csv
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -103,15 +102,14 @@ def test_training_run_learns_and_writes_everything(trained_run):
 def test_eval_scores_checkpoint_like_training_did(trained_run, data_dir):
     run_dir, _ = trained_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    # the run scored the first 4 test batches of 8 blocks (experiment=smoke): score the same blocks
-    out = run_script("eval.py", f"ckpt={run_dir / 'checkpoints' / 'best.ckpt'}", f"paths.data_dir={data_dir}",
-                     "split=test", "batch_size=8", "max_batches=4").stdout
-    found = re.search(r"test: loss ([\d.]+)  perplexity ([\d.]+)  \(([\d,]+) tokens", out)
-    assert found, out
-    loss, ppl, tokens = float(found[1]), float(found[2]), int(found[3].replace(",", ""))
-    assert tokens == metrics["test_tokens"]
-    assert abs(loss - metrics["test_loss"]) < 1e-4 and abs(ppl - metrics["test_ppl"]) < 1e-3 * ppl
-    table = run_script("eval.py", f"runs={run_dir}").stdout
+    # the run scored the first 4 test batches of 8 blocks of 128 tokens (experiment=smoke): score the same blocks
+    out = run_dir.parent / "eval"
+    run_script("eval.py", f"ckpt={run_dir / 'checkpoints' / 'best.ckpt'}", f"paths.data_dir={data_dir}", f"out_dir={out}",
+               "splits=[test]", "lengths=[]", "max_tokens=4096")
+    (scores,) = [row["test"] for row in json.loads((out / "eval.json").read_text())]
+    assert scores["tokens"] == metrics["test_tokens"]
+    assert abs(scores["loss"] - metrics["test_loss"]) < 1e-4 and abs(scores["ppl"] - metrics["test_ppl"]) < 1e-3 * scores["ppl"]
+    table = run_script("eval.py", f"sweep={run_dir}", f"out_dir={out}").stdout
     assert "| run |" in table and f"{metrics['test_ppl']:.3f}" in table
 
 
@@ -155,6 +153,8 @@ def test_a_failing_multirun_job_does_not_stop_the_sweep(tmp_path, data_dir):
                       "scheduler.warmup_steps=1")
     assert "error: seq_len=0 is out of range" in proc.stderr
     assert len(list(sweep.rglob("metrics.json"))) == 1
+    (failed,) = [json.loads(p.read_text()) for p in sweep.rglob("failed.json")]
+    assert "seq_len=0" in failed["overrides"] and failed["error"].startswith("seq_len=0 is out of range")
 
 
 @pytest.mark.slow

@@ -169,6 +169,17 @@ def train(cfg: DictConfig) -> dict:
     return metrics
 
 
+def record_failure(cfg: DictConfig, error: str) -> None:
+    """failed.json in the run directory: a sweep's report lists the trial as failed, with why."""
+    from hydra.core.hydra_config import HydraConfig
+
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(output_dir / "failed.json", {"run_name": cfg.run_name, "error": error,
+                                                   "overrides": list(HydraConfig.get().overrides.task)})
+    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+
+
 def _checkpoint_paths(trainer) -> dict:
     ckpt = trainer.checkpoint_callback
     if ckpt is None:

@@ -1,0 +1,40 @@
+"""Sweeps: an Optuna search (hparams_search=lr) with a failing trial, and `eval.py sweep=DIR` over it."""
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from helpers import run_script
+from test_train import SMOKE
+
+SHORT = ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+         "scheduler.warmup_steps=1"]
+
+
+@pytest.mark.slow
+def test_optuna_search_records_a_failed_trial_and_the_report_collects_it(tmp_path):
+    sweep = tmp_path / "sweep"
+    # sampler seed 1235 draws seq_len=0 (refused by validation: a failed trial) and then seq_len=32
+    proc = run_script("train.py", "-m", "hparams_search=lr", *SMOKE, *SHORT, f"paths.data_dir={tmp_path / 'data'}",
+                      f"hydra.sweep.dir={sweep}", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.seed=1235",
+                      "seq_len=choice(0,32)")
+    assert "error: seq_len=0 is out of range" in proc.stderr
+    (finished,) = [json.loads(p.read_text()) for p in sweep.rglob("metrics.json")]
+    (failed,) = list(sweep.rglob("failed.json"))
+    assert "seq_len=0" in json.loads(failed.read_text())["overrides"]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(finished["val_loss"], rel=1e-6) and best["best_params"]["seq_len"] == 32
+    (run_dir,) = [p.parent for p in sweep.rglob("metrics.json")]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == pytest.approx(best["best_params"]["optim.lr"])
+
+    out = tmp_path / "report"
+    report = run_script("eval.py", f"sweep={sweep}", f"out_dir={out}").stdout
+    assert f"| {run_dir.name} |" in report and "1 failed" in report and "seq_len=0" in report
+    with open(out / "sweep.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["val loss"] == f"{finished['val_loss']:.4f}" and float(row["lr"]) == pytest.approx(best["best_params"]["optim.lr"], rel=0.01)
+    with open(out / "failed.csv") as f:
+        assert len(list(csv.DictReader(f))) == 1
+    assert (out / "sweep.png").stat().st_size > 0
