@@ -5,9 +5,9 @@
 //
 // Threaded over (batch, channel) rows with at::parallel_for; each row walks the sequence in
 // chunks of `chunk` steps. A chunk's decays a[t][n] and states h[t][n] live in a small buffer
-// (chunk x d_state floats, in L1/L2), and every loop over d_state is a flat float loop the
-// compiler vectorizes (exp included: `exp_approx` is branch-free arithmetic). Math and state
-// are float32 whatever the input dtype.
+// (chunk x d_state floats, in L1/L2), and every loop over d_state runs in whole vectors of
+// kLanes floats (cpu_vector_math.h, exp included). Math and state are float32 whatever the
+// input dtype.
 //
 // Forward saves only the state entering each chunk: (batch, channels, n_chunks, d_state).
 // Backward walks the chunks in reverse, recomputes a chunk's states from its saved entering
@@ -23,93 +23,18 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <optional>
 #include <tuple>
-#include <type_traits>
 #include <vector>
+
+#include "cpu_vector_math.h"
 
 namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
-
-// d_state is padded to a multiple of kLanes (A = 0, B = C = 0, state 0 in the padding: the
-// padded states stay 0 and add nothing), so every loop over it is a whole number of Vec steps.
-// Vec is a GCC/Clang vector of kLanes floats (one AVX2 register; two NEON/SSE registers),
-// aligned like a float so it loads from any float array.
-constexpr int64_t kLanes = 8;
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(alignof(float))));
-typedef int32_t IntVec __attribute__((vector_size(kLanes * sizeof(int32_t)), aligned(alignof(int32_t))));
-inline Vec load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
-inline void store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
-inline float lane_sum(Vec v) {
-  float total = 0.0f;
-  for (int64_t j = 0; j < kLanes; ++j) total += v[j];
-  return total;
-}
-
-// exp(x) to ~1 ulp for x in [-87, 88], for a float or a Vec: exp(x) = 2^k * exp(r) with
-// k = round(x / ln 2), |r| <= ln2 / 2, exp(r) by its Taylor series to r^7 (error < 6e-9).
-// Inputs below -87 return ~1e-38 instead of 0 or a denormal: a decay that small is 0 to
-// every float32 sum it enters.
-template <typename V>
-inline V exp_approx(V x) {
-  x = x < -87.0f ? V{} - 87.0f : x;
-  x = x > 88.0f ? V{} + 88.0f : x;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const V k = (x * 1.44269504088896341f + kRound) - kRound;
-  const V r = x - k * 0.693145751953125f - k * 1.42860682030941723212e-6f;  // ln2 in two parts
-  V p = V{} + 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  V scale;  // 2^k, built in the exponent bits
-  if constexpr (std::is_same_v<V, float>) {
-    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-    std::memcpy(&scale, &bits, sizeof(scale));
-  } else {
-    const IntVec bits = (__builtin_convertvector(k, IntVec) + 127) << 23;
-    std::memcpy(&scale, &bits, sizeof(scale));
-  }
-  return p * scale;
-}
-
-// log(1 + e) for e in [0, 1], vectorizable: 2 atanh(s) with s = e / (2 + e) <= 1/3, series to s^15.
-inline float log1p_unit(float e) {
-  const float s = e / (2.0f + e), s2 = s * s;
-  float p = 1.0f / 15.0f;
-  p = p * s2 + 1.0f / 13.0f;
-  p = p * s2 + 1.0f / 11.0f;
-  p = p * s2 + 1.0f / 9.0f;
-  p = p * s2 + 1.0f / 7.0f;
-  p = p * s2 + 1.0f / 5.0f;
-  p = p * s2 + 1.0f / 3.0f;
-  p = p * s2 + 1.0f;
-  return 2.0f * s * p;
-}
-
-// softplus(x) = max(x, 0) + log(1 + exp(-|x|)): exact in form for every x, no overflow.
-inline float softplus(float x) { return std::max(x, 0.0f) + log1p_unit(exp_approx(-std::fabs(x))); }
-inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
-
-// Everything one call needs, in float32 where the kernel reads it per element.
-struct Problem {
-  int64_t batch, channels, length, d_state, lanes, chunk, n_chunks;  // lanes: d_state padded
-  const float* A;            // (channels, lanes)
-  const float* B;            // (batch, length, lanes): time-major so the state is contiguous
-  const float* C;            // (batch, length, lanes)
-  const float* D;            // (channels,) or null
-  const float* delta_bias;   // (channels,) or null
-  const float* initial;      // (batch, channels, d_state) or null
-  bool softplus;
-};
+using namespace lethe_cpu;
 
 // One (batch, channel) row converted to float32: delta after bias and softplus, delta*u, u.
 template <typename T>
@@ -168,8 +93,6 @@ void chunk_outputs(const Problem& p, int64_t batch_index, int64_t channel, int64
     y_pre[start + t] = lane_sum(sum) + skip * u[start + t];
   }
 }
-
-inline float silu(float x) { return x * sigmoid(x); }
 
 template <typename T>
 void forward_rows(const Problem& p, const T* u_in, const T* delta_in, const T* z_in, T* out, float* last,

@@ -143,6 +143,17 @@ __device__ __forceinline__ void load_maps(const ScanParams& p, const T* B_n, flo
   }
 }
 
+// The state entering this thread's steps, from the state entering the chunk: fold the thread's
+// maps into one, scan those across the block. `total` receives the whole chunk's map.
+__device__ __forceinline__ float state_entering_thread(const float* a, const float* x, float chunk_entering,
+                                                       Affine* scratch, Affine& total) {
+  Affine mine = {a[0], x[0]};
+#pragma unroll
+  for (int i = 1; i < kItems; ++i) mine = combine(mine, Affine{a[i], x[i]});
+  const Affine before = block_exclusive_scan<false>(mine, scratch, total);
+  return before.a * chunk_entering + before.b;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant__ ScanParams p) {
   LETHE_DYNAMIC_SHARED(running);  // (d_state,): the state carried across chunks
@@ -166,12 +177,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant
       const float entering = running[n];  // read before the scan's barriers; thread 0 updates it after
       float a[kItems], x[kItems], B_values[kItems];
       load_maps<T>(p, B + n * L, A[n], first, s, a, x, B_values);
-      Affine mine = {a[0], x[0]};
-#pragma unroll
-      for (int i = 1; i < kItems; ++i) mine = combine(mine, Affine{a[i], x[i]});
       Affine total;
-      const Affine before = block_exclusive_scan<false>(mine, scratch, total);
-      float h = before.a * entering + before.b;
+      float h = state_entering_thread(a, x, entering, scratch, total);
       const T* C_n = C + n * L;
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
@@ -253,12 +260,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const __grid_constan
         float a[kItems], x[kItems], B_values[kItems], h_prev[kItems], g[kItems];
         load_maps<T>(p, B + n * L, A_n, first, s, a, x, B_values);
         // recompute the states: h_prev[i] is the state before step i
-        Affine mine = {a[0], x[0]};
-#pragma unroll
-        for (int i = 1; i < kItems; ++i) mine = combine(mine, Affine{a[i], x[i]});
         Affine total;
-        const Affine before = block_exclusive_scan<false>(mine, scratch, total);
-        float h = before.a * entering + before.b;
+        float h = state_entering_thread(a, x, entering, scratch, total);
 #pragma unroll
         for (int i = 0; i < kItems; ++i) {
           h_prev[i] = h;

@@ -83,8 +83,8 @@ def _build_options(device_type: str) -> dict:
 
 def _library_name(device_type: str, options: dict) -> str:
     digest = hashlib.sha256()
-    for source in SOURCES[device_type]:
-        digest.update((KERNEL_DIR / source).read_bytes())
+    for path in [*(KERNEL_DIR / source for source in SOURCES[device_type]), *sorted(KERNEL_DIR.glob("*.h"))]:
+        digest.update(path.read_bytes())
     extra = torch.version.cuda if device_type == "cuda" else _cpu_fingerprint()
     digest.update(f"{options}|{torch.__version__}|{sys.version_info[:2]}|{extra}".encode())
     return f"lethe_scan_{device_type}_{digest.hexdigest()[:12]}"
