@@ -33,7 +33,7 @@ test: install ## run the test suite (a few minutes on 2 CPU cores)
 test-gpu: install ## run only the tests that need a CUDA GPU
 	$(PYTHON) -m pytest -q -m gpu $(PYTEST_ARGS)
 
-eval: install ## score a checkpoint: make eval ARGS="ckpt=logs/train/runs/<run>/checkpoints/best.ckpt"
+eval: install ## score checkpoints + context-length sweep: make eval ARGS="ckpt=<.ckpt | run or sweep dir>"
 	$(PYTHON) eval.py $(ARGS)
 
 generate: install ## sample text: make generate ARGS="ckpt=<run>/checkpoints/best.ckpt max_new_tokens=300"
@@ -45,12 +45,30 @@ export: install ## Lethe checkpoint -> transformers dir: make export CKPT=<run>/
 import: install ## transformers dir -> Lethe checkpoint: make import HF=<local model dir> OUT=<file.ckpt>
 	$(PYTHON) -m lethe.interop import $(HF) $(OUT) $(ARGS)
 
-compare: install ## train mamba-tiny and the parameter-matched transformer-tiny, print both side by side
-	$(PYTHON) train.py -m model=mamba-tiny,transformer-tiny task_name=compare hydra.sweep.dir=$(COMPARE_DIR) $(ARGS)
-	$(PYTHON) eval.py runs=$(COMPARE_DIR)
+compare: install ## mamba-tiny vs its parameter-matched Transformer++ (same data order and budget), then eval.py on both (~15 min on 2 CPU cores)
+	$(PYTHON) train.py -m model=mamba-tiny baseline=none,matched task_name=compare hydra.sweep.dir=$(COMPARE_DIR) $(ARGS)
+	$(PYTHON) eval.py ckpt=$(COMPARE_DIR) max_tokens=262144 out_dir=$(COMPARE_DIR)/eval
 
-sweep: install ## a learning-rate sweep over both tiny models (Hydra multirun)
-	$(PYTHON) train.py -m optim.lr=1e-3,3e-3 model=mamba-tiny,transformer-tiny task_name=sweep $(ARGS)
+sweep: install ## a learning-rate sweep over both tiny models (Hydra multirun), then its report
+	$(PYTHON) train.py -m optim.lr=1e-3,3e-3 model=mamba-tiny,transformer-tiny task_name=sweep hydra.sweep.dir=$(EXP_DIR)-sweep $(ARGS)
+	$(PYTHON) eval.py sweep=$(EXP_DIR)-sweep out_dir=$(EXP_DIR)-sweep/report
+
+hparams: install ## an Optuna search over the learning rate (hparams_search=lr), then its report
+	$(PYTHON) train.py -m hparams_search=lr hydra.sweep.dir=$(EXP_DIR)-optuna $(ARGS)
+	$(PYTHON) eval.py sweep=$(EXP_DIR)-optuna out_dir=$(EXP_DIR)-optuna/report
+
+report: install ## table + plots of a sweep: make report SWEEP=<sweep dir>
+	$(PYTHON) eval.py sweep=$(SWEEP) $(ARGS)
+
+ablation: install ## selective copying with each of delta/B/C input-dependent, all, none (paper Tables 1 and 7; ~10 min)
+	$(PYTHON) train.py -m experiment=selective-copying hydra.sweep.dir=$(EXP_DIR)-ablation $(ARGS) \
+	  "model.selective={delta:true,B:true,C:true},{delta:false,B:false,C:false},{delta:true,B:false,C:false},{delta:false,B:true,C:false},{delta:false,B:false,C:true}"
+	$(PYTHON) eval.py sweep=$(EXP_DIR)-ablation out_dir=$(EXP_DIR)-ablation/report
+
+induction: install ## induction heads: 2-layer Mamba vs Transformer++ trained at length 64, scored up to 4096 (~15 min)
+	$(PYTHON) train.py experiment=induction-heads hydra.run.dir=$(EXP_DIR)-induction/mamba $(ARGS)
+	$(PYTHON) train.py experiment=induction-heads model=transformer-tiny model.d_ff=128 hydra.run.dir=$(EXP_DIR)-induction/transformer $(ARGS)
+	$(PYTHON) eval.py ckpt=$(EXP_DIR)-induction 'lengths=[1,2,4,16,64]' max_tokens=262144 out_dir=$(EXP_DIR)-induction/eval
 
 bench: install ## scan speed and memory: fused kernels, chunked and the sequential reference side by side
 	$(PYTHON) bench/scan.py $(ARGS)

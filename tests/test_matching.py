@@ -66,3 +66,16 @@ def test_baseline_matched_composes_from_the_real_config():
 def test_an_impossible_tolerance_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="baseline.tolerance"):
         MatchedBaseline(tolerance=1e-7)(load("mamba-tiny"), 257)
+
+
+@pytest.mark.parametrize("experiment", ["paper-125m", "paper-350m"])
+def test_paper_presets_compose_with_the_papers_recipe(experiment):
+    from lethe.config import validate
+
+    for baseline in ("none", "matched"):
+        cfg = compose_train(f"experiment={experiment}", f"baseline={baseline}")
+        validate(cfg)
+        tokens_per_step = cfg.data.batch_size * cfg.seq_len * cfg.trainer.accumulate_grad_batches
+        assert tokens_per_step == 2**19 and cfg.optim.betas == [0.9, 0.95] and cfg.trainer.precision == "bf16-mixed"
+        assert cfg.run_name.endswith(baseline)
+    assert (cfg.optim.lr, cfg.trainer.max_steps) == {"paper-125m": (6e-4, 4800), "paper-350m": (3e-4, 13500)}[experiment]
