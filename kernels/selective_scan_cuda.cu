@@ -401,7 +401,7 @@ int64_t backward_channel_group(int64_t batch, int64_t channels, int64_t d_state)
   // sums stay within 4 x batch x channels x length floats each.
   const int64_t target_blocks = 4 * static_cast<int64_t>(sms);
   int64_t group = std::max<int64_t>({1, (batch * channels) / target_blocks, (d_state + 3) / 4});
-  group = std::min<int64_t>(group, std::max<int64_t>(1, kMaxGroupStates / std::max<int64_t>(1, d_state)));
+  group = std::min<int64_t>(group, std::max<int64_t>(1, kMaxGroupStates / (d_state + 1)));
   return std::min<int64_t>(group, channels);
 }
 

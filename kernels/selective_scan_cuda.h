@@ -10,7 +10,7 @@ namespace lethe_cuda {
 constexpr int kThreads = 128;                // threads per block
 constexpr int kItems = 8;                    // consecutive time steps per thread
 constexpr int kChunk = kThreads * kItems;    // steps per chunk: one saved state per chunk
-constexpr int kMaxGroupStates = 4096;        // channel group x d_state of the backward's shared carries
+constexpr int kMaxGroupStates = 4096;        // bound on channel group x (d_state + 1): 32 KB of shared memory
 
 enum class Dtype : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
 
@@ -46,7 +46,7 @@ const char* scan_backward(const ScanParams& params, void* stream);
 // out[o, i] = sum over k in order of in[o, k, i]: the deterministic reduction of partial sums.
 const char* reduce_middle(const float* in, float* out, int64_t outer, int64_t middle, int64_t inner, void* stream);
 // Channels per backward thread block for this device: enough blocks to fill it, few enough
-// partial sums, and group x d_state <= kMaxGroupStates.
+// partial sums, and group x (d_state + 1) <= kMaxGroupStates.
 int64_t backward_channel_group(int64_t batch, int64_t channels, int64_t d_state);
 
 }  // namespace lethe_cuda

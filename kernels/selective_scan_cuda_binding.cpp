@@ -59,6 +59,7 @@ ScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, co
     check(t->scalar_type() == u.scalar_type() && t->is_contiguous() && t->device() == u.device(), "u, delta, B, C must be contiguous, of one dtype, on one device");
   check(delta.sizes() == u.sizes(), "delta must have u's shape");
   check(A.scalar_type() == at::kFloat && A.dim() == 2 && A.size(0) == u.size(1) && A.is_contiguous(), "A must be float32 (channels, d_state)");
+  check(A.size(1) <= 2048, "d_state must be <= 2048 (the carried states live in shared memory)");
   for (const Tensor* t : {&B, &C})
     check(t->dim() == 3 && t->size(0) == u.size(0) && t->size(1) == A.size(1) && t->size(2) == u.size(2), "B and C must be (batch, d_state, length)");
   for (const OptTensor* t : {&D, &delta_bias})
