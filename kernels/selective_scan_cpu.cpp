@@ -59,115 +59,150 @@ void load_floats(const T* in, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(in[i]);
 }
 
-// Decays a[t][n] = exp(delta_t A_n) and states h[t][n] of steps [start, start + steps) of one
-// row, from the state h0 entering the chunk. Shared by forward and backward (recompute).
-void chunk_states(const Problem& p, int64_t batch_index, int64_t channel, int64_t start, int64_t steps,
-                  const float* __restrict__ delta, const float* __restrict__ du, const float* __restrict__ h0,
-                  float* __restrict__ a, float* __restrict__ h) {
-  const int64_t N = p.lanes;
-  const float* __restrict__ A = p.A + channel * N;
-  const float* __restrict__ B = p.B + (batch_index * p.length + start) * N;
-  for (int64_t t = 0; t < steps; ++t) {
-    const float step = delta[start + t];
-    for (int64_t n = 0; n < N; n += kLanes) store(a + t * N + n, exp_approx(step * load(A + n)));
-  }
-  for (int64_t t = 0; t < steps; ++t) {
-    const float input = du[start + t];
-    const float* __restrict__ prev = t > 0 ? h + (t - 1) * N : h0;
-    for (int64_t n = 0; n < N; n += kLanes) {
-      const int64_t i = t * N + n;
-      store(h + i, load(a + i) * load(prev + n) + input * load(B + i));
-    }
+// Calls fn(std::integral_constant<int, kVecs>{}, n0) for consecutive blocks of the padded state,
+// [n0, n0 + kVecs * kLanes) with kVecs <= 4: within a block the state, decays and adjoints stay
+// in registers from one time step to the next (loops over a compile-time kVecs unroll).
+template <typename Fn>
+void for_state_blocks(int64_t lanes, Fn&& fn) {
+  constexpr int kMaxVecs = 4;
+  int64_t n0 = 0;
+  for (; lanes - n0 >= kMaxVecs * kLanes; n0 += kMaxVecs * kLanes) fn(std::integral_constant<int, kMaxVecs>{}, n0);
+  switch ((lanes - n0) / kLanes) {
+    case 1: fn(std::integral_constant<int, 1>{}, n0); break;
+    case 2: fn(std::integral_constant<int, 2>{}, n0); break;
+    case 3: fn(std::integral_constant<int, 3>{}, n0); break;
+    default: break;
   }
 }
 
-// <C_t, h_t> + D u_t for the steps of one chunk: the output before the gate.
-void chunk_outputs(const Problem& p, int64_t batch_index, int64_t channel, int64_t start, int64_t steps,
-                   const float* __restrict__ u, const float* __restrict__ h, float* __restrict__ y_pre) {
+// Steps [start, start + steps) of row (b, d) for the states of one block, starting from `state`
+// (kVecs vectors; left holding the state after the last step). kOutputs: add each step's
+// <C_t, h_t> over the block to y[t]. kKeep: store the decays and states in the chunk buffers
+// a[t][n], h[t][n] (t counted from `start`), which the backward walks.
+template <int kVecs, bool kOutputs, bool kKeep>
+void scan_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t start, int64_t steps,
+                const float* __restrict__ delta, const float* __restrict__ du, float* __restrict__ state,
+                float* __restrict__ y, float* __restrict__ a_keep, float* __restrict__ h_keep) {
   const int64_t N = p.lanes;
-  const float* __restrict__ C = p.C + (batch_index * p.length + start) * N;
-  const float skip = p.D ? p.D[channel] : 0.0f;
+  const float* __restrict__ B = p.B + (b * p.length + start) * N + n0;
+  const float* __restrict__ C = p.C + (b * p.length + start) * N + n0;
+  Vec A[kVecs], h[kVecs];
+  for (int v = 0; v < kVecs; ++v) A[v] = load(p.A + d * N + n0 + v * kLanes), h[v] = load(state + v * kLanes);
   for (int64_t t = 0; t < steps; ++t) {
+    const float step = delta[start + t], input = du[start + t];
     Vec sum = {};
-    for (int64_t n = 0; n < N; n += kLanes) sum += load(C + t * N + n) * load(h + t * N + n);
-    y_pre[start + t] = lane_sum(sum) + skip * u[start + t];
+    for (int v = 0; v < kVecs; ++v) {
+      const int64_t i = t * N + v * kLanes;
+      const Vec decay = exp_approx(step * A[v]);
+      h[v] = decay * h[v] + input * load(B + i);
+      if constexpr (kKeep) store(a_keep + i + n0, decay), store(h_keep + i + n0, h[v]);
+      if constexpr (kOutputs) sum += load(C + i) * h[v];
+    }
+    if constexpr (kOutputs) y[start + t] += lane_sum(sum);
   }
+  for (int v = 0; v < kVecs; ++v) store(state + v * kLanes, h[v]);
 }
 
+// sum_t x[t] * y[t] (y null: sum_t x[t]) in kLanes partial sums: vectorized, and the same
+// order every time.
+float dot(const float* __restrict__ x, const float* __restrict__ y, int64_t length) {
+  Vec partial = {};
+  int64_t t = 0;
+  for (; t + kLanes <= length; t += kLanes) partial += y ? load(x + t) * load(y + t) : load(x + t);
+  float total = lane_sum(partial);
+  for (; t < length; ++t) total += y ? x[t] * y[t] : x[t];
+  return total;
+}
+
+template <typename T>
+void store_row(const float* values, int64_t length, T* out) {
+  for (int64_t t = 0; t < length; ++t) out[t] = static_cast<T>(values[t]);
+}
+
+// Forward of a range of rows: only the state is kept, d_state floats per row.
 template <typename T>
 void forward_rows(const Problem& p, const T* u_in, const T* delta_in, const T* z_in, T* out, float* last,
                   float* saved, int64_t row_begin, int64_t row_end) {
   const int64_t L = p.length, N = p.lanes, S = p.d_state;
-  std::vector<float> u(L), delta_raw(L), delta(L), du(L), y(L), z(z_in ? L : 0);
-  std::vector<float> a(p.chunk * N), h(p.chunk * N), h0(N, 0.0f);
+  std::vector<float> u(L), delta_raw(L), delta(L), du(L), y(L), z(z_in ? L : 0), h(N, 0.0f);
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t b = row / p.channels, d = row % p.channels;
     load_row(p, row, u_in, delta_in, u.data(), delta_raw.data(), delta.data(), du.data());
-    if (p.initial) std::copy(p.initial + row * S, p.initial + (row + 1) * S, h0.begin());
-    else std::fill(h0.begin(), h0.end(), 0.0f);
+    if (p.initial) std::copy(p.initial + row * S, p.initial + (row + 1) * S, h.begin());
+    else std::fill(h.begin(), h.end(), 0.0f);
+    std::fill(y.begin(), y.end(), 0.0f);
     for (int64_t k = 0; k < p.n_chunks; ++k) {
       const int64_t start = k * p.chunk, steps = std::min(p.chunk, L - start);
-      std::copy(h0.begin(), h0.begin() + S, saved + (row * p.n_chunks + k) * S);
-      chunk_states(p, b, d, start, steps, delta.data(), du.data(), h0.data(), a.data(), h.data());
-      chunk_outputs(p, b, d, start, steps, u.data(), h.data(), y.data());
-      std::copy(h.data() + (steps - 1) * N, h.data() + steps * N, h0.begin());
+      std::copy(h.begin(), h.begin() + S, saved + (row * p.n_chunks + k) * S);
+      for_state_blocks(N, [&](auto vecs, int64_t n0) {
+        scan_block<decltype(vecs)::value, true, false>(p, b, d, n0, start, steps, delta.data(), du.data(),
+                                                       h.data() + n0, y.data(), nullptr, nullptr);
+      });
     }
-    std::copy(h0.begin(), h0.begin() + S, last + row * S);
+    std::copy(h.begin(), h.begin() + S, last + row * S);
+    const float skip = p.D ? p.D[d] : 0.0f;
+    for (int64_t t = 0; t < L; ++t) y[t] += skip * u[t];
     if (z_in) {
       load_floats(z_in + row * L, L, z.data());
       for (int64_t t = 0; t < L; ++t) y[t] *= silu(z[t]);
     }
-    for (int64_t t = 0; t < L; ++t) out[row * L + t] = static_cast<T>(y[t]);
+    store_row(y.data(), L, out + row * L);
   }
 }
 
 // Per-thread buffers of the backward pass, sized for one row.
 struct BackwardBuffers {
-  std::vector<float> u, delta_raw, delta, du, g, y_pre, z, grad_u, grad_delta, a, h, h_enter, mu, dA;
-  BackwardBuffers(const Problem& p)
+  std::vector<float> u, delta_raw, delta, du, g, y_pre, z, lambda_B, grad_log_a_A, a, h, h_enter, h_work, mu, dA;
+  explicit BackwardBuffers(const Problem& p)
       : u(p.length), delta_raw(p.length), delta(p.length), du(p.length), g(p.length), y_pre(p.length),
-        z(p.length), grad_u(p.length), grad_delta(p.length), a(p.chunk * p.lanes), h(p.chunk * p.lanes),
-        h_enter(p.lanes, 0.0f), mu(p.lanes, 0.0f), dA(p.lanes) {}
+        z(p.length), lambda_B(p.length), grad_log_a_A(p.length), a(p.chunk * p.lanes), h(p.chunk * p.lanes),
+        h_enter(p.lanes, 0.0f), h_work(p.lanes), mu(p.lanes, 0.0f), dA(p.lanes) {}
 };
 
-// The adjoint recurrence through one chunk, last step first. mu enters as a_{t+1} lambda_{t+1}
-// from the step after the chunk and leaves as the same quantity for the step before it.
-// dB/dC rows of this task's partial sums are assigned (first channel of the group) or added.
-void chunk_adjoint(const Problem& p, int64_t b, int64_t d, int64_t start, int64_t steps, bool first_in_group,
-                   BackwardBuffers& buf, float* __restrict__ dB_part, float* __restrict__ dC_part) {
+// The adjoint recurrence through one chunk for the states of one block, last step first:
+//   lambda_t = dL/dh_t = g_t C_t + mu_{t+1},   mu_t = a_t lambda_t
+// mu enters from the step after the chunk and leaves for the step before it. Per step it adds
+// sum_n mu_t h_{t-1} A_n (the d delta term of the decays) and sum_n lambda_t B_t (the d(delta u)
+// term) over the block; dB/dC rows of this task's partial sums are assigned (first channel of
+// the group) or added.
+template <int kVecs>
+void adjoint_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t start, int64_t steps,
+                   bool first_in_group, BackwardBuffers& buf, float* __restrict__ dB_part, float* __restrict__ dC_part) {
   const int64_t N = p.lanes;
-  const float* __restrict__ A = p.A + d * N;
-  const float* __restrict__ B = p.B + (b * p.length + start) * N;
-  const float* __restrict__ C = p.C + (b * p.length + start) * N;
-  const float* __restrict__ a = buf.a.data();
-  const float* __restrict__ h = buf.h.data();
-  float* __restrict__ mu = buf.mu.data();
-  float* __restrict__ dA = buf.dA.data();
-  float* __restrict__ dB = dB_part + start * N;
-  float* __restrict__ dC = dC_part + start * N;
-  const float skip = p.D ? p.D[d] : 0.0f;
+  const float* __restrict__ B = p.B + (b * p.length + start) * N + n0;
+  const float* __restrict__ C = p.C + (b * p.length + start) * N + n0;
+  const float* __restrict__ a = buf.a.data() + n0;
+  const float* __restrict__ h = buf.h.data() + n0;
+  float* __restrict__ dB = dB_part + start * N + n0;
+  float* __restrict__ dC = dC_part + start * N + n0;
+  Vec A[kVecs], mu[kVecs], dA[kVecs];
+  for (int v = 0; v < kVecs; ++v) {
+    A[v] = load(p.A + d * N + n0 + v * kLanes), mu[v] = load(buf.mu.data() + n0 + v * kLanes);
+    dA[v] = load(buf.dA.data() + n0 + v * kLanes);
+  }
   for (int64_t t = steps - 1; t >= 0; --t) {
     const int64_t step = start + t;
     const float grad_y = buf.g[step], input = buf.du[step], dt = buf.delta[step];
-    const float* __restrict__ h_prev = t > 0 ? h + (t - 1) * N : buf.h_enter.data();
     Vec grad_log_a_A = {}, lambda_B = {};
-    for (int64_t n = 0; n < N; n += kLanes) {
-      const int64_t i = t * N + n;
-      const Vec lambda = grad_y * load(C + i) + load(mu + n);  // dL/dh_t
-      const Vec mu_prev = load(a + i) * lambda;                 // a_t lambda_t: mu for step t-1
-      const Vec grad_log_a = mu_prev * load(h_prev + n);        // dL/d(delta_t A_n)
-      store(mu + n, mu_prev);
-      store(dA + n, load(dA + n) + grad_log_a * dt);
-      grad_log_a_A += grad_log_a * load(A + n);
+    for (int v = 0; v < kVecs; ++v) {
+      const int64_t i = t * N + v * kLanes;
+      const Vec h_prev = t > 0 ? load(h + i - N) : load(buf.h_enter.data() + n0 + v * kLanes);
+      const Vec lambda = grad_y * load(C + i) + mu[v];  // dL/dh_t
+      mu[v] = load(a + i) * lambda;                      // mu for step t-1
+      const Vec grad_log_a = mu[v] * h_prev;             // dL/d(delta_t A_n)
+      dA[v] += grad_log_a * dt;
+      grad_log_a_A += grad_log_a * A[v];
       lambda_B += lambda * load(B + i);
       const Vec dB_new = lambda * input, dC_new = grad_y * load(h + i);
       store(dB + i, first_in_group ? dB_new : load(dB + i) + dB_new);
       store(dC + i, first_in_group ? dC_new : load(dC + i) + dC_new);
     }
-    const float sum_a = lane_sum(grad_log_a_A), sum_b = lane_sum(lambda_B);
-    const float grad_dt = sum_a + sum_b * buf.u[step];
-    buf.grad_u[step] = sum_b * dt + grad_y * skip;
-    buf.grad_delta[step] = grad_dt;  // with respect to delta after softplus, until backward_row's last loop
+    buf.grad_log_a_A[step] += lane_sum(grad_log_a_A);
+    buf.lambda_B[step] += lane_sum(lambda_B);
+  }
+  for (int v = 0; v < kVecs; ++v) {
+    store(buf.mu.data() + n0 + v * kLanes, mu[v]);
+    store(buf.dA.data() + n0 + v * kLanes, dA[v]);
   }
 }
 
@@ -177,40 +212,59 @@ void backward_row(const Problem& p, int64_t row, bool first_in_group, const T* u
                   const T* z_in, const T* grad_out_in, const float* grad_last, const float* saved,
                   T* grad_u_out, T* grad_delta_out, T* grad_z_out, float* dA_row, float* dD_row, float* dbias_row,
                   float* dinit_row, float* dB_part, float* dC_part, BackwardBuffers& buf) {
-  const int64_t L = p.length, S = p.d_state;
+  const int64_t L = p.length, N = p.lanes, S = p.d_state;
   const int64_t b = row / p.channels, d = row % p.channels;
+  const float skip = p.D ? p.D[d] : 0.0f;
   load_row(p, row, u_in, delta_in, buf.u.data(), buf.delta_raw.data(), buf.delta.data(), buf.du.data());
   load_floats(grad_out_in + row * L, L, buf.g.data());  // becomes the gradient of y before the gate
   if (z_in) load_floats(z_in + row * L, L, buf.z.data());
-  std::fill(buf.dA.begin(), buf.dA.end(), 0.0f);
+  for (auto* v : {&buf.dA, &buf.mu, &buf.lambda_B, &buf.grad_log_a_A, &buf.y_pre}) std::fill(v->begin(), v->end(), 0.0f);
   // mu after the last step is the gradient of the final state.
-  std::fill(buf.mu.begin(), buf.mu.end(), 0.0f);
   if (grad_last) std::copy(grad_last + row * S, grad_last + (row + 1) * S, buf.mu.begin());
 
   for (int64_t k = p.n_chunks - 1; k >= 0; --k) {
     const int64_t start = k * p.chunk, steps = std::min(p.chunk, L - start);
     const float* enter = saved + (row * p.n_chunks + k) * S;
     std::copy(enter, enter + S, buf.h_enter.begin());
-    chunk_states(p, b, d, start, steps, buf.delta.data(), buf.du.data(), buf.h_enter.data(), buf.a.data(), buf.h.data());
-    if (z_in) {  // out = y_pre * silu(z): dz needs y_pre, recomputed here from the states
-      chunk_outputs(p, b, d, start, steps, buf.u.data(), buf.h.data(), buf.y_pre.data());
+    std::copy(buf.h_enter.begin(), buf.h_enter.end(), buf.h_work.begin());
+    for_state_blocks(N, [&](auto vecs, int64_t n0) {
+      constexpr int kVecs = decltype(vecs)::value;
+      float* state = buf.h_work.data() + n0;
+      if (z_in)  // out = y_pre * silu(z): dz needs y_pre, recomputed with the states
+        scan_block<kVecs, true, true>(p, b, d, n0, start, steps, buf.delta.data(), buf.du.data(), state,
+                                      buf.y_pre.data(), buf.a.data(), buf.h.data());
+      else
+        scan_block<kVecs, false, true>(p, b, d, n0, start, steps, buf.delta.data(), buf.du.data(), state,
+                                       nullptr, buf.a.data(), buf.h.data());
+    });
+    if (z_in) {  // z[t] becomes dL/dz_t, g[t] the gradient of y before the gate
+      float* __restrict__ z = buf.z.data();
+      float* __restrict__ g = buf.g.data();
+      const float* __restrict__ y_pre = buf.y_pre.data();
+      const float* __restrict__ u = buf.u.data();
       for (int64_t t = start; t < start + steps; ++t) {
-        const float sig = sigmoid(buf.z[t]), grad_out = buf.g[t];
-        grad_z_out[row * L + t] = static_cast<T>(grad_out * buf.y_pre[t] * sig * (1.0f + buf.z[t] * (1.0f - sig)));
-        buf.g[t] = grad_out * buf.z[t] * sig;
+        const float sig = sigmoid(z[t]), gate = z[t];
+        z[t] = g[t] * (y_pre[t] + skip * u[t]) * sig * (1.0f + gate * (1.0f - sig));
+        g[t] *= gate * sig;
       }
     }
-    chunk_adjoint(p, b, d, start, steps, first_in_group, buf, dB_part, dC_part);
+    for_state_blocks(N, [&](auto vecs, int64_t n0) {
+      adjoint_block<decltype(vecs)::value>(p, b, d, n0, start, steps, first_in_group, buf, dB_part, dC_part);
+    });
   }
-  if (p.softplus)  // d softplus(x) / dx = sigmoid(x); a separate loop so it vectorizes over time
-    for (int64_t t = 0; t < L; ++t) buf.grad_delta[t] *= sigmoid(buf.delta_raw[t]);
-  float dD = 0.0f, dbias = 0.0f;
+  // Per step: d delta (after softplus) = sum_n mu h A + (sum_n lambda B) u; d u = (sum_n lambda B)
+  // delta + g D. Loops over time, so they vectorize; y_pre and lambda_B become the outputs.
+  float* grad_delta = buf.y_pre.data();
+  float* grad_u = buf.lambda_B.data();
   for (int64_t t = 0; t < L; ++t) {
-    dD += buf.g[t] * buf.u[t];
-    dbias += buf.grad_delta[t];
-    grad_u_out[row * L + t] = static_cast<T>(buf.grad_u[t]);
-    grad_delta_out[row * L + t] = static_cast<T>(buf.grad_delta[t]);
+    const float grad_dt = buf.grad_log_a_A[t] + buf.lambda_B[t] * buf.u[t];
+    grad_delta[t] = p.softplus ? grad_dt * sigmoid(buf.delta_raw[t]) : grad_dt;  // softplus' = sigmoid
+    grad_u[t] = buf.lambda_B[t] * buf.delta[t] + buf.g[t] * skip;
   }
+  const float dD = dot(buf.g.data(), buf.u.data(), L), dbias = dot(grad_delta, nullptr, L);
+  if (z_in) store_row(buf.z.data(), L, grad_z_out + row * L);
+  store_row(grad_u, L, grad_u_out + row * L);
+  store_row(grad_delta, L, grad_delta_out + row * L);
   *dD_row = dD;
   *dbias_row = dbias;
   std::copy(buf.dA.begin(), buf.dA.begin() + S, dA_row);
@@ -335,24 +389,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     });
   });
 
-  // Reduce the partial sums in a fixed order: over channel groups for dB/dC, over the batch for
-  // the per-channel parameters.
-  Tensor grad_B = at::empty({p.batch, p.d_state, p.length}, f32), grad_C = at::empty_like(grad_B);
-  const int64_t L = p.length, N = p.d_state, lanes = p.lanes;
-  at::parallel_for(0, p.batch * N, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bn = begin; bn < end; ++bn) {
-      const int64_t b = bn / N, n = bn % N;
-      for (auto [part, out] : {std::pair{&dB_part, &grad_B}, std::pair{&dC_part, &grad_C}}) {
-        const float* src = part->data_ptr<float>() + b * n_groups * L * lanes + n;
-        float* dst = out->data_ptr<float>() + bn * L;
-        for (int64_t t = 0; t < L; ++t) {
-          float sum = 0.0f;
-          for (int64_t g = 0; g < n_groups; ++g) sum += src[(g * L + t) * lanes];
-          dst[t] = sum;
+  // Reduce the partial sums in a fixed order: over channel groups for dB/dC (group 0 += group 1,
+  // += group 2, ...: contiguous, vectorized), over the batch for the per-channel parameters.
+  const int64_t slice = p.length * p.lanes, block = 4096, blocks = (slice + block - 1) / block;
+  at::parallel_for(0, p.batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, first = (task % blocks) * block, last = std::min(first + block, slice);
+      for (Tensor* part : {&dB_part, &dC_part}) {
+        float* __restrict__ total = part->data_ptr<float>() + b * n_groups * slice;
+        for (int64_t g = 1; g < n_groups; ++g) {
+          const float* __restrict__ group = total + g * slice;
+          for (int64_t i = first; i < last; ++i) total[i] += group[i];
         }
       }
     }
   });
+  auto state_major = [&](const Tensor& part, at::ScalarType dtype) {  // (b, L, lanes) -> (b, d_state, L)
+    return part.select(1, 0).narrow(2, 0, p.d_state).transpose(1, 2).contiguous().to(dtype);
+  };
   auto sum_over_batch = [&](const Tensor& rows) {
     Tensor total = rows.select(0, 0).clone();
     for (int64_t b = 1; b < p.batch; ++b) total.add_(rows.select(0, b));
@@ -361,8 +415,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   Tensor grad_D = D ? sum_over_batch(dD_rows) : at::empty({0}, f32);
   Tensor grad_bias = delta_bias ? sum_over_batch(dbias_rows) : at::empty({0}, f32);
   if (!initial_state) grad_initial = at::empty({0}, f32);
-  return {grad_u, grad_delta, sum_over_batch(dA_rows), grad_B.to(B.scalar_type()), grad_C.to(C.scalar_type()),
-          grad_D, grad_z, grad_bias, grad_initial};
+  return {grad_u, grad_delta, sum_over_batch(dA_rows), state_major(dB_part, B.scalar_type()),
+          state_major(dC_part, C.scalar_type()), grad_D, grad_z, grad_bias, grad_initial};
 }
 
 }  // namespace
