@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 kernels: install ## build the fused scan kernels for this machine now (otherwise built on first use)
-	$(PYTHON) -m lethe.ops.scan_kernels
+	$(PYTHON) -c 'from lethe.ops.scan_kernels import main; main()'
 
 train: install ## train mamba-tiny on the embedded corpus (a few minutes on 2 CPU cores)
 	$(PYTHON) train.py $(ARGS)

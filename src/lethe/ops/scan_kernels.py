@@ -14,7 +14,7 @@ Each is compiled the first time it is needed (torch.utils.cpp_extension + ninja)
 machine only (-march=native; the local GPU's architecture), into kernels/build/ under a name
 that hashes the sources, flags and torch version, so a changed source rebuilds and an unchanged
 one loads in a second. A failed build warns once and `auto` falls back to the PyTorch scan.
-`python -m lethe.ops.scan_kernels` (`make kernels`) builds ahead of time.
+`make kernels` builds ahead of time and says what is ready.
 
 Forward saves the state entering every chunk of `CHUNK[device]` steps (batch, channels,
 n_chunks, d_state) and, with z on CUDA, the output before the gate; backward recomputes the
@@ -280,6 +280,3 @@ def main() -> None:
         print("cuda: no CUDA device here (the CUDA sources are compile-checked by the test suite when nvcc is present)")
     sys.exit(0 if all(reason is None for reason in status.values()) else 1)
 
-
-if __name__ == "__main__":
-    main()
