@@ -144,11 +144,12 @@ def test_state_carries_across_segments(impl):
     torch.testing.assert_close(last, last_whole, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "cpu"])
+@pytest.mark.parametrize("impl", ["chunked", "cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_saves_nothing_of_size_batch_channels_length_state(impl):
     b, d, l, n = 2, 16, 64, 8
     inputs = make_inputs(b, d, l, n, seed=2)
-    args = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    device = "cuda" if impl == "cuda" else "cpu"
+    args = {k: v.to(device).requires_grad_() for k, v in inputs.items()}
     saved_numels = []
 
     def pack(t):
