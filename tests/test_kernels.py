@@ -114,6 +114,25 @@ def test_torch_compile_traces_the_scan_without_graph_breaks():
         torch.testing.assert_close(got, expected)
 
 
+def test_compiled_mamba_model_is_one_graph_and_matches_eager():
+    from lethe.models import MambaLM
+
+    torch.manual_seed(0)
+    model = MambaLM(vocab_size=64, d_model=32, n_layer=2, d_state=8)
+    ids = torch.randint(0, 64, (2, 40))
+    expected = model(ids)
+    expected.logsumexp(-1).sum().backward()
+    expected_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch._dynamo.reset()
+    model.compile(backend="aot_eager", fullgraph=True)  # MambaLM.compile builds the kernels first
+    logits = model(ids)
+    logits.logsumexp(-1).sum().backward()
+    torch.testing.assert_close(logits, expected)
+    for p, grad in zip(model.parameters(), expected_grads):
+        torch.testing.assert_close(p.grad, grad)
+
+
 def test_auto_picks_the_kernel_for_its_device_and_dtype():
     assert resolve_scan_impl("auto", torch.device("cpu"), 100, torch.float32) == "cpu"
     assert resolve_scan_impl("auto", torch.device("cpu"), 100, torch.bfloat16) == "cpu"
