@@ -126,7 +126,10 @@ def test_every_model_config_composes_and_builds(model):
 @pytest.mark.parametrize("tokenizer", options("tokenizer"))
 def test_every_data_and_tokenizer_config_composes(data, tokenizer):
     cfg = compose_train(f"data={data}", f"tokenizer={tokenizer}")
-    assert cfg.data._target_ == "lethe.data.LMDataModule" and cfg.data.source.kind in ("stdlib", "hub", "local")
+    if cfg.data._target_ == "lethe.data.synthetic.SyntheticDataModule":  # generated tasks (tests/test_synthetic.py)
+        assert cfg.data.task._target_.startswith("lethe.data.synthetic.")
+    else:
+        assert cfg.data._target_ == "lethe.data.LMDataModule" and cfg.data.source.kind in ("stdlib", "hub", "local")
     assert cfg.tokenizer.kind in ("byte", "bpe", "pretrained")
 
 

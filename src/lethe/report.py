@@ -90,13 +90,13 @@ FAILED_COLUMNS = [
 
 
 def best_per_size(runs: list[dict]) -> list[dict]:
-    """For each (model family, parameter count), the run with the lowest validation loss (the
-    best learning rate of a sweep, as in the paper's scaling plots)."""
+    """For each architecture (model family and config), the run with the lowest validation loss:
+    the best learning rate of a sweep, as in the paper's scaling plots."""
     best = {}
     for m in runs:
         if m.get("val_loss") is None:
             continue
-        key = (m["model"], m["num_params"])
+        key = (m["model"], m["num_params"], json.dumps(m.get("model_config"), sort_keys=True))
         if key not in best or m["val_loss"] < best[key]["val_loss"]:
             best[key] = m
     return [best[k] for k in sorted(best)]
