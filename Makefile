@@ -65,10 +65,10 @@ ablation: install ## selective copying with each of delta/B/C input-dependent, a
 	  "model.selective={delta:true,B:true,C:true},{delta:false,B:false,C:false},{delta:true,B:false,C:false},{delta:false,B:true,C:false},{delta:false,B:false,C:true}"
 	$(PYTHON) eval.py sweep=$(EXP_DIR)-ablation out_dir=$(EXP_DIR)-ablation/report
 
-induction: install ## induction heads: 2-layer Mamba vs Transformer++ trained at length 64, scored up to 4096 (~15 min)
+induction: install ## induction heads: 2-layer Mamba vs Transformer++ trained at length 32, scored up to 4096 (~15 min)
 	$(PYTHON) train.py experiment=induction-heads hydra.run.dir=$(EXP_DIR)-induction/mamba $(ARGS)
 	$(PYTHON) train.py experiment=induction-heads model=transformer-tiny model.d_ff=128 hydra.run.dir=$(EXP_DIR)-induction/transformer $(ARGS)
-	$(PYTHON) eval.py ckpt=$(EXP_DIR)-induction 'lengths=[1,2,4,16,64]' max_tokens=262144 out_dir=$(EXP_DIR)-induction/eval
+	$(PYTHON) eval.py ckpt=$(EXP_DIR)-induction 'lengths=[1,2,8,32,128]' max_tokens=131072 out_dir=$(EXP_DIR)-induction/eval
 
 bench: install ## scan speed and memory: fused kernels, chunked and the sequential reference side by side
 	$(PYTHON) bench/scan.py $(ARGS)
