@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from helpers import run_script
 from lethe.data import LMDataModule
+from lethe.errors import LetheError
+from lethe.evaluation import find_checkpoints
 from lethe.training.checkpoint import load_trained_model
 from test_train import SMOKE
 
@@ -80,13 +82,15 @@ def test_matched_pair_trains_on_the_same_budget(compared):
     assert mamba["tokens_seen"] == transformer["tokens_seen"] and mamba["corpus_fingerprint"] == transformer["corpus_fingerprint"]
 
 
-@pytest.mark.slow
-def test_missing_corrupt_and_foreign_checkpoints_fail_in_one_line(tmp_path, compared):
+def test_missing_corrupt_and_foreign_checkpoints_fail_in_one_line(tmp_path):
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(b"not a checkpoint")
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}}, foreign)
-    for path, message in [(tmp_path / "missing.ckpt", "does not exist"), (corrupt, "could not be read"),
-                          (foreign, "no Lethe metadata"), (tmp_path, "holds no best.ckpt")]:
-        proc = run_script("eval.py", f"ckpt={path}", check=False)
-        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    for path, message in [(tmp_path / "missing.ckpt", "does not exist"), (foreign, "no Lethe metadata"),
+                          (tmp_path / "nowhere", "does not exist"), (tmp_path, "holds no best.ckpt")]:
+        with pytest.raises(LetheError, match=message):
+            for ckpt in find_checkpoints(str(path)):
+                load_trained_model(ckpt)
+    proc = run_script("eval.py", f"ckpt={corrupt}", check=False)  # the CLI: one line, no traceback
+    assert proc.returncode == 2 and "could not be read" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1500:]

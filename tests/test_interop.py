@@ -5,10 +5,8 @@ their constant inits and a swapped or transposed tensor changes the logits); log
 in fp32. transformers' Mamba runs its slow pure-PyTorch path on CPU, which is fine at this size.
 """
 
-import importlib.util
 import json
 import random
-import re
 import subprocess
 import sys
 
@@ -25,6 +23,7 @@ from transformers import (
 from lethe.config import instantiate, validate
 from lethe.data import byte_tokenizer, load_tokenizer, train_bpe
 from lethe.errors import ConfigError, LetheError
+from lethe.evaluation import CheckpointEvaluator
 from lethe.interop import export_checkpoint, import_pretrained
 from lethe.interop.__main__ import main as interop_main
 from lethe.models import MambaLM, TransformerLM
@@ -270,21 +269,14 @@ def corpus(tmp_path_factory):
     return root, overrides
 
 
-def load_eval_script():
-    spec = importlib.util.spec_from_file_location("lethe_eval_script", ROOT / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_eval_scores_an_imported_checkpoint_on_named_data(tmp_path, tokenizer, corpus):
     _, data = corpus
     hf = hf_mamba_dir(tmp_path / "hf", tokenizer).eval()
     import_pretrained(tmp_path / "hf", tmp_path / "m.ckpt")
-    args = [f"ckpt={tmp_path / 'm.ckpt'}", "data=local", *data, "seq_len=32", "split=test", "batch_size=4", "max_batches=2"]
-    out = run_script("eval.py", *args).stdout
-    found = re.search(r"test: loss ([\d.]+)  perplexity [\d.]+  \((\d+) tokens", out)
-    assert found, out
+    args = [f"ckpt={tmp_path / 'm.ckpt'}", "data=local", *data, "seq_len=32", "splits=[test]", "lengths=[]", "batch_size=4",
+            "max_tokens=256", f"out_dir={tmp_path / 'eval'}"]  # the first 2 batches of 4 blocks of 32 tokens
+    run_script("eval.py", *args)
+    (scores,) = [row["test"] for row in json.loads((tmp_path / "eval" / "eval.json").read_text())]
 
     # the same blocks scored by transformers' model: the imported checkpoint is evaluated faithfully
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -298,14 +290,13 @@ def test_eval_scores_an_imported_checkpoint_on_named_data(tmp_path, tokenizer, c
         logits = hf_logits(hf, batch["input_ids"])
         nll += F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum").item()
         tokens += batch["labels"].numel()
-    assert int(found[2]) == tokens and float(found[1]) == pytest.approx(nll / tokens, abs=2e-4)
+    assert scores["tokens"] == tokens and scores["loss"] == pytest.approx(nll / tokens, abs=2e-4)
 
     # without a run config and without data on the command line: one line saying what to name
-    eval_script = load_eval_script()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         bare = compose("eval", overrides=[f"ckpt={tmp_path / 'm.ckpt'}"])
     with pytest.raises(ConfigError) as exc:
-        eval_script.score_checkpoint(bare)
+        CheckpointEvaluator(tmp_path / "m.ckpt", bare)
     one_line(exc, "no training run", "data and seq_len", "data=local")
 
 
