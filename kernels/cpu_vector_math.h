@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 
 // Inlined everywhere, so a loop over time that calls them vectorizes.
@@ -39,8 +41,12 @@ LETHE_INLINE float lane_sum(Vec v) {  // add the halves as vectors first: one ve
 // every float32 sum it enters.
 template <typename V>
 LETHE_INLINE V exp_approx(V x) {
-  x = x < -87.0f ? V{} - 87.0f : x;
-  x = x > 88.0f ? V{} + 88.0f : x;
+  if constexpr (std::is_same_v<V, float>) {
+    x = std::min(std::max(x, -87.0f), 88.0f);  // min/max, not ?:, so loops over floats vectorize
+  } else {
+    x = x < -87.0f ? V{} - 87.0f : x;
+    x = x > 88.0f ? V{} + 88.0f : x;
+  }
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
   const V k = (x * 1.44269504088896341f + kRound) - kRound;
   const V r = x - k * 0.693145751953125f - k * 1.42860682030941723212e-6f;  // ln2 in two parts
@@ -93,5 +99,27 @@ struct Problem {
   bool softplus;
 };
 LETHE_INLINE float silu(float x) { return x * sigmoid(x); }
+
+// A float buffer aligned to a cache line, so a Vec load at a multiple of kLanes never straddles
+// two lines (std::vector's 16-byte alignment made the kernel's speed vary from run to run).
+class Floats {
+ public:
+  explicit Floats(int64_t size, float value = 0.0f)
+      : size_(size), data_(static_cast<float*>(std::aligned_alloc(64, ((size * sizeof(float) + 63) / 64 + 1) * 64))) {
+    std::fill(begin(), end(), value);
+  }
+  int64_t size() const { return size_; }
+  float* data() { return data_.get(); }
+  float* begin() { return data_.get(); }
+  float* end() { return data_.get() + size_; }
+  float& operator[](int64_t i) { return data_[i]; }
+
+ private:
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  int64_t size_;
+  std::unique_ptr<float[], Free> data_;
+};
 
 }  // namespace lethe_cpu

@@ -20,13 +20,14 @@
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <tuple>
-#include <vector>
 
 #include "cpu_vector_math.h"
 
@@ -79,6 +80,8 @@ void for_state_blocks(int64_t lanes, Fn&& fn) {
 // (kVecs vectors; left holding the state after the last step). kOutputs: add each step's
 // <C_t, h_t> over the block to y[t]. kKeep: store the decays and states in the chunk buffers
 // a[t][n], h[t][n] (t counted from `start`), which the backward walks.
+constexpr int64_t kMaxChunk = 256;  // steps per chunk at most (scan_block's stack buffer)
+
 template <int kVecs, bool kOutputs, bool kKeep>
 void scan_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t start, int64_t steps,
                 const float* __restrict__ delta, const float* __restrict__ du, float* __restrict__ state,
@@ -87,6 +90,7 @@ void scan_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t star
   const float* __restrict__ B = p.B + (b * p.length + start) * N + n0;
   const float* __restrict__ C = p.C + (b * p.length + start) * N + n0;
   Vec A[kVecs], h[kVecs];
+  Vec sums[kOutputs ? kMaxChunk : 1];  // per step, summed across lanes after the recurrence loop
   for (int v = 0; v < kVecs; ++v) A[v] = load(p.A + d * N + n0 + v * kLanes), h[v] = load(state + v * kLanes);
   for (int64_t t = 0; t < steps; ++t) {
     const float step = delta[start + t], input = du[start + t];
@@ -98,8 +102,10 @@ void scan_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t star
       if constexpr (kKeep) store(a_keep + i + n0, decay), store(h_keep + i + n0, h[v]);
       if constexpr (kOutputs) sum += load(C + i) * h[v];
     }
-    if constexpr (kOutputs) y[start + t] += lane_sum(sum);
+    if constexpr (kOutputs) sums[t] = sum;
   }
+  if constexpr (kOutputs)
+    for (int64_t t = 0; t < steps; ++t) y[start + t] += lane_sum(sums[t]);
   for (int v = 0; v < kVecs; ++v) store(state + v * kLanes, h[v]);
 }
 
@@ -124,7 +130,7 @@ template <typename T>
 void forward_rows(const Problem& p, const T* u_in, const T* delta_in, const T* z_in, T* out, float* last,
                   float* saved, int64_t row_begin, int64_t row_end) {
   const int64_t L = p.length, N = p.lanes, S = p.d_state;
-  std::vector<float> u(L), delta_raw(L), delta(L), du(L), y(L), z(z_in ? L : 0), h(N, 0.0f);
+  Floats u(L), delta_raw(L), delta(L), du(L), y(L), z(z_in ? L : 0), h(N);
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t b = row / p.channels, d = row % p.channels;
     load_row(p, row, u_in, delta_in, u.data(), delta_raw.data(), delta.data(), du.data());
@@ -152,11 +158,11 @@ void forward_rows(const Problem& p, const T* u_in, const T* delta_in, const T* z
 
 // Per-thread buffers of the backward pass, sized for one row.
 struct BackwardBuffers {
-  std::vector<float> u, delta_raw, delta, du, g, y_pre, z, lambda_B, grad_log_a_A, a, h, h_enter, h_work, mu, dA;
+  Floats u, delta_raw, delta, du, g, y_pre, z, lambda_B, grad_log_a_A, a, h, h_enter, h_work, mu, dA;
   explicit BackwardBuffers(const Problem& p)
       : u(p.length), delta_raw(p.length), delta(p.length), du(p.length), g(p.length), y_pre(p.length),
         z(p.length), lambda_B(p.length), grad_log_a_A(p.length), a(p.chunk * p.lanes), h(p.chunk * p.lanes),
-        h_enter(p.lanes, 0.0f), h_work(p.lanes), mu(p.lanes, 0.0f), dA(p.lanes) {}
+        h_enter(p.lanes), h_work(p.lanes), mu(p.lanes), dA(p.lanes) {}
 };
 
 // The adjoint recurrence through one chunk for the states of one block, last step first:
@@ -257,10 +263,11 @@ void backward_row(const Problem& p, int64_t row, bool first_in_group, const T* u
   float* grad_delta = buf.y_pre.data();
   float* grad_u = buf.lambda_B.data();
   for (int64_t t = 0; t < L; ++t) {
-    const float grad_dt = buf.grad_log_a_A[t] + buf.lambda_B[t] * buf.u[t];
-    grad_delta[t] = p.softplus ? grad_dt * sigmoid(buf.delta_raw[t]) : grad_dt;  // softplus' = sigmoid
+    grad_delta[t] = buf.grad_log_a_A[t] + buf.lambda_B[t] * buf.u[t];
     grad_u[t] = buf.lambda_B[t] * buf.delta[t] + buf.g[t] * skip;
   }
+  if (p.softplus)  // softplus' = sigmoid
+    for (int64_t t = 0; t < L; ++t) grad_delta[t] *= sigmoid(buf.delta_raw[t]);
   const float dD = dot(buf.g.data(), buf.u.data(), L), dbias = dot(grad_delta, nullptr, L);
   if (z_in) store_row(buf.z.data(), L, grad_z_out + row * L);
   store_row(grad_u, L, grad_u_out + row * L);
@@ -287,7 +294,7 @@ struct StateOperands {
 
 Problem make_problem(const Tensor& u, const StateOperands& ops, int64_t d_state, const OptTensor& D,
                      const OptTensor& delta_bias, const OptTensor& initial, bool delta_softplus, int64_t chunk) {
-  check(chunk >= 1, "chunk must be >= 1");
+  check(chunk >= 1 && chunk <= kMaxChunk, "chunk must be in [1, 256]");
   Problem p;
   p.batch = u.size(0), p.channels = u.size(1), p.length = u.size(2), p.d_state = d_state, p.lanes = ops.A.size(1);
   p.chunk = chunk, p.n_chunks = (p.length + chunk - 1) / chunk;
@@ -365,7 +372,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   Tensor dA_rows = at::empty({p.batch, p.channels, p.d_state}, f32);
   Tensor dD_rows = at::empty({p.batch, p.channels}, f32), dbias_rows = at::empty({p.batch, p.channels}, f32);
   Tensor grad_initial = at::empty({p.batch, p.channels, p.d_state}, f32);
-  Tensor dB_part = at::empty({p.batch, n_groups, p.length, p.lanes}, f32), dC_part = at::empty_like(dB_part);
+  // dB and dC partial sums, (batch, n_groups, length, lanes) each, in a buffer kept across calls:
+  // a fresh multi-MB allocation costs a page fault per 4 KB on its first write.
+  const int64_t part_size = p.batch * n_groups * p.length * p.lanes;
+  thread_local std::unique_ptr<Floats> part_cache;
+  if (!part_cache || part_cache->size() < 2 * part_size) part_cache = std::make_unique<Floats>(2 * part_size);
+  float* const dB_part = part_cache->data();
+  float* const dC_part = dB_part + part_size;
 
   LETHE_DISPATCH_FLOATS(u.scalar_type(), [&] {
     const scalar_t* z_ptr = z ? z->data_ptr<scalar_t>() : nullptr;
@@ -383,7 +396,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
                                  grad_u.data_ptr<scalar_t>(), grad_delta.data_ptr<scalar_t>(), grad_z_ptr,
                                  dA_rows.data_ptr<float>() + row * p.d_state, dD_rows.data_ptr<float>() + row,
                                  dbias_rows.data_ptr<float>() + row, grad_initial.data_ptr<float>() + row * p.d_state,
-                                 dB_part.data_ptr<float>() + offset, dC_part.data_ptr<float>() + offset, buffers);
+                                 dB_part + offset, dC_part + offset, buffers);
         }
       }
     });
@@ -395,8 +408,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   at::parallel_for(0, p.batch * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks, first = (task % blocks) * block, last = std::min(first + block, slice);
-      for (Tensor* part : {&dB_part, &dC_part}) {
-        float* __restrict__ total = part->data_ptr<float>() + b * n_groups * slice;
+      for (float* part : {dB_part, dC_part}) {
+        float* __restrict__ total = part + b * n_groups * slice;
         for (int64_t g = 1; g < n_groups; ++g) {
           const float* __restrict__ group = total + g * slice;
           for (int64_t i = first; i < last; ++i) total[i] += group[i];
@@ -404,8 +417,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
       }
     }
   });
-  auto state_major = [&](const Tensor& part, at::ScalarType dtype) {  // (b, L, lanes) -> (b, d_state, L)
-    return part.select(1, 0).narrow(2, 0, p.d_state).transpose(1, 2).contiguous().to(dtype);
+  auto state_major = [&](float* part, at::ScalarType dtype) {  // group 0: (b, L, lanes) -> (b, d_state, L)
+    return at::from_blob(part, {p.batch, n_groups, p.length, p.lanes}, f32).select(1, 0).narrow(2, 0, p.d_state).transpose(1, 2).contiguous().to(dtype);
   };
   auto sum_over_batch = [&](const Tensor& rows) {
     Tensor total = rows.select(0, 0).clone();
