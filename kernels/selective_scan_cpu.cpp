@@ -372,12 +372,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   Tensor dA_rows = at::empty({p.batch, p.channels, p.d_state}, f32);
   Tensor dD_rows = at::empty({p.batch, p.channels}, f32), dbias_rows = at::empty({p.batch, p.channels}, f32);
   Tensor grad_initial = at::empty({p.batch, p.channels, p.d_state}, f32);
-  // dB and dC partial sums, (batch, n_groups, length, lanes) each, in a buffer kept across calls:
-  // a fresh multi-MB allocation costs a page fault per 4 KB on its first write.
+  // dB and dC partial sums, (batch, n_groups, length, lanes) each, in a buffer kept across calls
+  // up to 64 MB (a fresh multi-MB allocation costs a page fault per 4 KB on its first write).
   const int64_t part_size = p.batch * n_groups * p.length * p.lanes;
+  constexpr int64_t kCachedFloats = int64_t{16} << 20;
   thread_local std::unique_ptr<Floats> part_cache;
-  if (!part_cache || part_cache->size() < 2 * part_size) part_cache = std::make_unique<Floats>(2 * part_size);
-  float* const dB_part = part_cache->data();
+  std::unique_ptr<Floats> part_once;
+  std::unique_ptr<Floats>& part = 2 * part_size <= kCachedFloats ? part_cache : part_once;
+  if (!part || part->size() < 2 * part_size) part = std::make_unique<Floats>(2 * part_size);
+  float* const dB_part = part->data();
   float* const dC_part = dB_part + part_size;
 
   LETHE_DISPATCH_FLOATS(u.scalar_type(), [&] {
