@@ -181,7 +181,7 @@ void adjoint_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t s
   const float* __restrict__ h = buf.h.data() + n0;
   float* __restrict__ dB = dB_part + start * N + n0;
   float* __restrict__ dC = dC_part + start * N + n0;
-  Vec A[kVecs], mu[kVecs], dA[kVecs];
+  Vec A[kVecs], mu[kVecs], dA[kVecs], sums_a[kMaxChunk], sums_b[kMaxChunk];
   for (int v = 0; v < kVecs; ++v) {
     A[v] = load(p.A + d * N + n0 + v * kLanes), mu[v] = load(buf.mu.data() + n0 + v * kLanes);
     dA[v] = load(buf.dA.data() + n0 + v * kLanes);
@@ -203,8 +203,11 @@ void adjoint_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t s
       store(dB + i, first_in_group ? dB_new : load(dB + i) + dB_new);
       store(dC + i, first_in_group ? dC_new : load(dC + i) + dC_new);
     }
-    buf.grad_log_a_A[step] += lane_sum(grad_log_a_A);
-    buf.lambda_B[step] += lane_sum(lambda_B);
+    sums_a[t] = grad_log_a_A, sums_b[t] = lambda_B;
+  }
+  for (int64_t t = 0; t < steps; ++t) {  // lane sums off the recurrence loop's critical path
+    buf.grad_log_a_A[start + t] += lane_sum(sums_a[t]);
+    buf.lambda_B[start + t] += lane_sum(sums_b[t]);
   }
   for (int v = 0; v < kVecs; ++v) {
     store(buf.mu.data() + n0 + v * kLanes, mu[v]);
