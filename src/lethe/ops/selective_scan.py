@@ -14,7 +14,7 @@ Implementations:
   cpu, cuda  the fused kernels of kernels/ (ops/scan_kernels.py), built on first use: softplus,
              recurrence, C contraction, D skip and gate in one pass, state kept on chip
   auto       the fused kernel for the inputs' device when it builds (float32/bfloat16/float16),
-             else chunked (reference for a single step)
+             else chunked; a single step (recurrent decoding) is the reference's few ops
 The PyTorch implementations share everything around the recurrence (softplus, D skip, SiLU
 gate) and differ only in how the linear recurrence itself is evaluated.
 """
@@ -36,10 +36,11 @@ def resolve_scan_impl(impl: str, device: torch.device, length: int | None = None
     """Map `auto` to a concrete implementation; say in one line why a named one cannot run."""
     device_type = torch.device(device).type
     if impl == "auto":
+        if length == 1:  # one decoding step is the recurrence itself: a few ops, the least overhead
+            return "reference"
         if dtype in scan_kernels.KERNEL_DTYPES and device_type in FUSED_IMPLS and scan_kernels.unavailable(device_type) is None:
             return device_type
-        # One step (recurrent decoding) is the recurrence itself: the loop has the least overhead.
-        return "reference" if length == 1 else "chunked"
+        return "chunked"
     if impl not in SCAN_IMPL_CHOICES:
         raise ConfigError(f"model.scan_impl={impl!r} is not one of {', '.join(SCAN_IMPL_CHOICES)}")
     if impl in FUSED_IMPLS:
