@@ -72,8 +72,7 @@ def _build_options(device_type: str) -> dict:
         return dict(extra_cflags=["-O3", "-fopenmp", *_native_flags()], extra_ldflags=["-fopenmp"])
     if device_type == "cuda_emulated":
         return dict(extra_cflags=["-O1", "-DLETHE_CUDA_EMULATION", f"-I{KERNEL_DIR}"], with_cuda=False)
-    major, minor = torch.cuda.get_device_capability()
-    arch = f"{major}{minor}"
+    arch = "".join(map(str, torch.cuda.get_device_capability()))
     return dict(
         extra_cflags=["-O3"],
         extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
@@ -109,8 +108,7 @@ def _build(device_type: str) -> None:
     _ensure_ninja_on_path()
     options = _build_options(device_type)
     if device_type == "cuda":  # cpp_extension would otherwise add every visible GPU's architecture
-        major, minor = torch.cuda.get_device_capability()
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ".".join(map(str, torch.cuda.get_device_capability())))
     name = _library_name(device_type, options)
     build_dir = BUILD_DIR / name
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +117,7 @@ def _build(device_type: str) -> None:
         lock.unlink(missing_ok=True)  # otherwise every later build would wait on it forever
     fresh = not any(build_dir.glob(f"{name}*.so"))
     if fresh:
-        print(f"lethe: building the fused {device_type.upper()} selective-scan kernel (first use; about a minute)...",
+        print(f"lethe: building the fused {device_type.upper()} selective-scan kernel (first use: seconds on CPU, about a minute for CUDA)...",
               file=sys.stderr, flush=True)
     sources = [str(KERNEL_DIR / source) for source in SOURCES[device_type]]
     load(name=name, sources=sources, build_directory=str(build_dir), is_python_module=False, verbose=False, **options)
