@@ -15,8 +15,7 @@ from lethe.errors import ConfigError
 from lethe.ops import causal_conv1d, causal_conv1d_reference, resolve_scan_impl, scan_kernels, selective_scan
 conv_module = importlib.import_module("lethe.ops.causal_conv1d")  # the module: lethe.ops re-exports its function
 
-from helpers import ROOT
-from test_scan import make_inputs, run
+from helpers import ROOT, make_inputs, run
 
 KERNELS = ROOT / "kernels"
 OPTIONAL = ("D", "z", "delta_bias", "initial_state")

@@ -8,48 +8,10 @@ from lethe.errors import ConfigError
 from lethe.ops import causal_conv1d, causal_conv1d_reference, scan_reference, selective_scan
 from lethe.ops.scan_chunked import scan_chunked
 
-from helpers import CPU_SCAN_IMPLS
+from helpers import CPU_SCAN_IMPLS, make_inputs, run
 
 # every implementation but the reference; the CUDA kernel runs on a GPU only (`make test-gpu`)
 FAST_IMPLS = [impl for impl in CPU_SCAN_IMPLS if impl != "reference"] + [pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-def make_inputs(batch, channels, length, d_state, dtype=torch.float32, seed=0, delta_scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
-
-    return dict(
-        u=randn(batch, channels, length).to(dtype),
-        delta=(randn(batch, channels, length) * delta_scale - 1.0).to(dtype),
-        A=-torch.exp(randn(channels, d_state) * 0.5).to(torch.float32 if dtype != torch.float64 else dtype),
-        B=randn(batch, d_state, length).to(dtype),
-        C=randn(batch, d_state, length).to(dtype),
-        D=randn(channels).to(torch.float32 if dtype != torch.float64 else dtype),
-        z=randn(batch, channels, length).to(dtype),
-        delta_bias=(randn(channels) * 0.1).to(torch.float32 if dtype != torch.float64 else dtype),
-        initial_state=randn(batch, channels, d_state).to(torch.float32 if dtype != torch.float64 else dtype),
-    )
-
-
-def run(impl, inputs, use_z, use_bias, use_state):
-    """y, last state and the gradients of every input, computed on the impl's device, returned on CPU."""
-    device = "cuda" if impl == "cuda" else "cpu"
-    args = {k: v.detach().to(device, copy=True).requires_grad_(v.is_floating_point()) for k, v in inputs.items()}
-    if not use_z:
-        args.pop("z")
-    if not use_bias:
-        args.pop("delta_bias")
-    if not use_state:
-        args.pop("initial_state")
-    y, last = selective_scan(**args, impl=impl)
-    # a loss that weights every output and the final state, so every gradient path is exercised
-    g = torch.Generator().manual_seed(1)
-    weights_y, weights_last = torch.randn(y.shape, generator=g).to(device), torch.randn(last.shape, generator=g).to(device)
-    loss = (y.float() * weights_y).sum() + (last * weights_last).sum()
-    loss.backward()
-    return y.cpu(), last.cpu(), {k: v.grad.cpu() for k, v in args.items()}
 
 
 def random_shapes(count, seed):
