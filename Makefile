@@ -45,7 +45,7 @@ export: install ## Lethe checkpoint -> transformers dir: make export CKPT=<run>/
 import: install ## transformers dir -> Lethe checkpoint: make import HF=<local model dir> OUT=<file.ckpt>
 	$(PYTHON) -m lethe.interop import $(HF) $(OUT) $(ARGS)
 
-compare: install ## mamba-tiny vs its parameter-matched Transformer++ (same data order and budget), then eval.py on both (~15 min on 2 CPU cores)
+compare: install ## mamba-tiny vs its parameter-matched Transformer++ (same data order and budget), then eval.py on both (~6 min on 2 CPU cores)
 	$(PYTHON) train.py -m model=mamba-tiny baseline=none,matched task_name=compare hydra.sweep.dir=$(COMPARE_DIR) $(ARGS)
 	$(PYTHON) eval.py ckpt=$(COMPARE_DIR) max_tokens=262144 out_dir=$(COMPARE_DIR)/eval
 
