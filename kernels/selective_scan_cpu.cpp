@@ -30,6 +30,7 @@
 #include <tuple>
 
 #include "cpu_vector_math.h"
+#include "scan_inputs.h"
 
 namespace {
 
@@ -309,19 +310,10 @@ Problem make_problem(const Tensor& u, const StateOperands& ops, int64_t d_state,
   return p;
 }
 
-// The Python face (lethe.ops.scan_kernels) hands over contiguous tensors: u, delta, B, C, z in
-// one dtype (float32, bfloat16 or float16), A, D, delta_bias, initial_state in float32.
 void check_inputs(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
                   const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias, const OptTensor& initial) {
-  check(u.dim() == 3 && u.is_contiguous() && u.device().is_cpu(), "u must be a contiguous CPU tensor (batch, channels, length)");
-  check(u.size(2) >= 1, "length must be >= 1");
-  for (const Tensor* t : {&delta, &B, &C}) check(t->scalar_type() == u.scalar_type() && t->is_contiguous(), "delta, B, C must be contiguous and of u's dtype");
-  check(delta.sizes() == u.sizes(), "delta must have u's shape");
-  check(A.scalar_type() == at::kFloat && A.dim() == 2 && A.size(0) == u.size(1) && A.is_contiguous(), "A must be float32 (channels, d_state)");
-  for (const Tensor* t : {&B, &C}) check(t->dim() == 3 && t->size(0) == u.size(0) && t->size(1) == A.size(1) && t->size(2) == u.size(2), "B and C must be (batch, d_state, length)");
-  for (const OptTensor* t : {&D, &delta_bias}) check(!*t || ((*t)->scalar_type() == at::kFloat && (*t)->numel() == u.size(1) && (*t)->is_contiguous()), "D and delta_bias must be float32 (channels,)");
-  check(!z || (z->scalar_type() == u.scalar_type() && z->sizes() == u.sizes() && z->is_contiguous()), "z must have u's shape and dtype");
-  check(!initial || (initial->scalar_type() == at::kFloat && initial->dim() == 3 && initial->size(0) == u.size(0) && initial->size(1) == u.size(1) && initial->size(2) == A.size(1) && initial->is_contiguous()), "initial_state must be float32 (batch, channels, d_state)");
+  lethe::check_scan_inputs("cpu", u, delta, A, B, C, D, z, delta_bias, initial);
+  check(u.device().is_cpu(), "tensors must be on the CPU");
 }
 
 #define LETHE_DISPATCH_FLOATS(dtype, ...)                                           \

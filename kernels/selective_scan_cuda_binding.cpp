@@ -12,6 +12,7 @@
 #include <optional>
 #include <tuple>
 
+#include "scan_inputs.h"
 #include "selective_scan_cuda.h"
 
 namespace {
@@ -46,26 +47,14 @@ Dtype dtype_of(const Tensor& t) {
 
 const float* float_ptr(const OptTensor& t) { return t ? t->data_ptr<float>() : nullptr; }
 
-// Python (lethe.ops.scan_kernels.scan_fused) hands over contiguous tensors: u, delta, B, C, z in
-// u's dtype; A, D, delta_bias, initial_state float32.
 ScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
                        const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias, const OptTensor& initial,
                        bool delta_softplus, int64_t chunk) {
+  lethe::check_scan_inputs("cuda", u, delta, A, B, C, D, z, delta_bias, initial);
   check(u.is_cuda() == kOnCuda, kOnCuda ? "tensors must be on a CUDA device" : "the emulation takes CPU tensors");
-  check(u.dim() == 3 && u.size(2) >= 1, "u must be (batch, channels, length) with length >= 1");
   check(chunk == lethe_cuda::kChunk, "chunk does not match the kernel's (lethe_cuda::kChunk)");
   check(u.size(0) <= 65535, "batch must be <= 65535 (the grid's y dimension)");
-  for (const Tensor* t : {&u, &delta, &B, &C})
-    check(t->scalar_type() == u.scalar_type() && t->is_contiguous() && t->device() == u.device(), "u, delta, B, C must be contiguous, of one dtype, on one device");
-  check(delta.sizes() == u.sizes(), "delta must have u's shape");
-  check(A.scalar_type() == at::kFloat && A.dim() == 2 && A.size(0) == u.size(1) && A.is_contiguous(), "A must be float32 (channels, d_state)");
   check(A.size(1) <= 2048, "d_state must be <= 2048 (the carried states live in shared memory)");
-  for (const Tensor* t : {&B, &C})
-    check(t->dim() == 3 && t->size(0) == u.size(0) && t->size(1) == A.size(1) && t->size(2) == u.size(2), "B and C must be (batch, d_state, length)");
-  for (const OptTensor* t : {&D, &delta_bias})
-    check(!*t || ((*t)->scalar_type() == at::kFloat && (*t)->numel() == u.size(1) && (*t)->is_contiguous()), "D and delta_bias must be float32 (channels,)");
-  check(!z || (z->scalar_type() == u.scalar_type() && z->sizes() == u.sizes() && z->is_contiguous()), "z must have u's shape and dtype");
-  check(!initial || (initial->scalar_type() == at::kFloat && initial->is_contiguous() && initial->numel() == u.size(0) * u.size(1) * A.size(1)), "initial_state must be float32 (batch, channels, d_state)");
 
   ScanParams p;
   p.batch = u.size(0), p.channels = u.size(1), p.length = u.size(2), p.d_state = A.size(1);

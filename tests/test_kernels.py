@@ -148,6 +148,16 @@ def test_impl_that_cannot_run_is_a_one_line_error(impl, device, dtype, message):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("library", ["lethe_cpu", "lethe_cuda_emulated"])
+def test_kernels_refuse_mismatched_inputs_naming_the_argument(library):
+    assert scan_kernels.unavailable(library.removeprefix("lethe_")) is None
+    inputs = make_inputs(1, 2, 9, 3)
+    args = [inputs[name] for name in ("u", "delta", "A")] + [inputs["B"][:, :, :8].contiguous(), inputs["C"], None, None, None, None, True]
+    extra = (1024, 0) if library == "lethe_cuda_emulated" else (128,)
+    with pytest.raises(RuntimeError, match=r"kernel\): B and C must be \(batch, d_state, length\)"):
+        getattr(torch.ops, library).scan_fwd(*args, *extra)
+
+
 @pytest.fixture
 def fresh_status(monkeypatch, tmp_path):
     """Kernel status and build directory of a clean machine, restored afterwards."""
