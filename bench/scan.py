@@ -141,8 +141,9 @@ def main():
     other_device = "cpu" if device.type == "cuda" else "cuda"
     impls = args.impls or [i for i in SCAN_IMPL_CHOICES if i not in ("auto", other_device)]
     for impl in impls:
-        if impl in scan_kernels.SOURCES and scan_kernels.unavailable(impl) is not None:
-            raise SystemExit(f"error: impl {impl} is unavailable: {scan_kernels.unavailable(impl)}")
+        reason = scan_kernels.unavailable(impl) if impl in scan_kernels.SOURCES else None
+        if reason is not None:
+            raise SystemExit(f"error: impl {impl} is unavailable: {reason}")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"torch {torch.__version__}, {name}, dtype {args.dtype}, best of {args.repeats}")
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None

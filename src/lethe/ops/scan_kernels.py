@@ -161,6 +161,15 @@ def _kernel_ops(device_type: str):
     return getattr(torch.ops, f"lethe_{device_type}")
 
 
+def _launch(op_name: str, u, args):
+    """Run a kernel op for u's device; on CUDA under u's device guard, on its current stream."""
+    op = getattr(_kernel_ops(u.device.type), op_name)
+    if u.device.type == "cpu":
+        return op(*args)
+    with torch.cuda.device(u.device):
+        return op(*args, torch.cuda.current_stream().cuda_stream)
+
+
 def _n_chunks(u) -> int:
     return -(-u.shape[-1] // CHUNK[u.device.type])
 
@@ -177,13 +186,11 @@ def selective_scan_fwd(
     initial_state: torch.Tensor | None, delta_softplus: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns y, the last state, the chunk-entering states and (CUDA with z) y before the gate."""
-    ops = _kernel_ops(u.device.type)
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, CHUNK[u.device.type])
     if u.device.type == "cpu":
-        y, last, saved = ops.scan_fwd(*args)
+        y, last, saved = _launch("scan_fwd", u, args)
         return y, last, saved, u.new_empty(0)
-    with torch.cuda.device(u.device):
-        return tuple(ops.scan_fwd(*args, torch.cuda.current_stream().cuda_stream))
+    return tuple(_launch("scan_fwd", u, args))
 
 
 @selective_scan_fwd.register_fake
@@ -203,12 +210,10 @@ def selective_scan_bwd(
     grad_y: torch.Tensor, grad_last: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of u, delta, A, B, C, D, z, delta_bias, initial_state (empty where the input is None)."""
-    ops = _kernel_ops(u.device.type)
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, CHUNK[u.device.type], saved)
-    if u.device.type == "cpu":
-        return tuple(ops.scan_bwd(*args, grad_y, grad_last))
-    with torch.cuda.device(u.device):
-        return tuple(ops.scan_bwd(*args, y_pre, grad_y, grad_last, torch.cuda.current_stream().cuda_stream))
+    if u.device.type == "cpu":  # the CPU kernel recomputes y before the gate
+        return tuple(_launch("scan_bwd", u, (*args, grad_y, grad_last)))
+    return tuple(_launch("scan_bwd", u, (*args, y_pre, grad_y, grad_last)))
 
 
 @selective_scan_bwd.register_fake
