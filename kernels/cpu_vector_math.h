@@ -10,6 +10,7 @@
 #include <cstring>
 #include <memory>
 #include <type_traits>
+#include <utility>
 
 // Inlined everywhere, so a loop over time that calls them vectorizes.
 #define LETHE_INLINE inline __attribute__((always_inline))
@@ -18,21 +19,66 @@ namespace lethe_cpu {
 
 // d_state is padded to a multiple of kLanes (A = 0, B = C = 0, state 0 in the padding: the
 // padded states stay 0 and add nothing), so every loop over it is a whole number of Vec steps.
-// Vec is a GCC/Clang vector of kLanes floats (one AVX2 register; two NEON/SSE registers),
-// aligned like a float so it loads from any float array.
+// Vec is a GCC/Clang vector of kLanes floats, one register where the CPU has 512-bit vectors
+// (AVX-512: d_state 16 is one register) and two AVX2 / four NEON registers otherwise; aligned
+// like a float so it loads from any float array.
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;
+#else
 constexpr int64_t kLanes = 8;
+#endif
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(alignof(float))));
 typedef int32_t IntVec __attribute__((vector_size(kLanes * sizeof(int32_t)), aligned(alignof(int32_t))));
 LETHE_INLINE Vec load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
 LETHE_INLINE void store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
-static_assert(kLanes == 8, "lane_sum adds two halves of 4");
-typedef float HalfVec __attribute__((vector_size(kLanes / 2 * sizeof(float)), aligned(alignof(float))));
-LETHE_INLINE float lane_sum(Vec v) {  // add the halves as vectors first: one vector add, then 4 scalars
-  HalfVec low, high;
-  std::memcpy(&low, &v, sizeof(low));
-  std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(low), sizeof(high));
-  const HalfVec sum = low + high;
-  return (sum[0] + sum[2]) + (sum[1] + sum[3]);
+LETHE_INLINE float lane_sum(Vec v) {  // halving vector adds, then 4 scalars
+  float lanes[kLanes];
+  std::memcpy(lanes, &v, sizeof(v));
+  for (int64_t width = kLanes / 2; width >= 4; width /= 2)
+    for (int64_t i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+  return (lanes[0] + lanes[2]) + (lanes[1] + lanes[3]);
+}
+
+// y[i] += lane_sum(sums[i]) for kLanes consecutive steps at once: a tree of half-vector folds
+// (each fold adds the low and high halves of every segment of two vectors) leaves the kLanes
+// totals in one vector. ~3 vector ops per step instead of a scalar reduction each.
+namespace detail {
+// Output lane i of a fold of x and y whose segments (one step's partial sums) are S lanes wide:
+// output segments (S / 2 wide) alternate between x's and y's, `high` picks each half.
+constexpr int fold_index(int S, int i, bool high) {
+  const int half = S / 2, segment = i / half;
+  return (segment % 2) * kLanes + (segment / 2) * S + i % half + (high ? half : 0);
+}
+template <int S, std::size_t... I>
+LETHE_INLINE Vec fold(Vec x, Vec y, std::index_sequence<I...>) {
+  return __builtin_shufflevector(x, y, fold_index(S, I, false)...) + __builtin_shufflevector(x, y, fold_index(S, I, true)...);
+}
+template <int S>
+LETHE_INLINE void fold_level(Vec* v, int count) {
+  for (int i = 0; i < count / 2; ++i) v[i] = fold<S>(v[2 * i], v[2 * i + 1], std::make_index_sequence<kLanes>{});
+  if constexpr (S > 2) fold_level<S / 2>(v, count / 2);
+}
+constexpr int bit_reverse(int i) {
+  int out = 0;
+  for (int bit = 1; bit < kLanes; bit <<= 1) out = (out << 1) | ((i & bit) ? 1 : 0);
+  return out;
+}
+}  // namespace detail
+
+LETHE_INLINE void add_lane_sums(const Vec* sums, float* y) {
+  Vec v[kLanes];
+  // The folds interleave segments, which leaves step j in lane bit_reverse(j): feeding the
+  // steps in bit-reversed order puts every total in its own lane.
+  for (int j = 0; j < kLanes; ++j) v[j] = sums[detail::bit_reverse(j)];
+  detail::fold_level<kLanes>(v, kLanes);
+  store(y, load(y) + v[0]);
+}
+
+// y[t] += lane_sum(sums[t]) for t < steps.
+LETHE_INLINE void add_all_lane_sums(const Vec* sums, int64_t steps, float* y) {
+  int64_t t = 0;
+  for (; t + kLanes <= steps; t += kLanes) add_lane_sums(sums + t, y + t);
+  for (; t < steps; ++t) y[t] += lane_sum(sums[t]);
 }
 
 // exp(x) to ~1 ulp for x in [-87, 88], for a float or a Vec: exp(x) = 2^k * exp(r) with

@@ -105,8 +105,7 @@ void scan_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t star
     }
     if constexpr (kOutputs) sums[t] = sum;
   }
-  if constexpr (kOutputs)
-    for (int64_t t = 0; t < steps; ++t) y[start + t] += lane_sum(sums[t]);
+  if constexpr (kOutputs) add_all_lane_sums(sums, steps, y + start);
   for (int v = 0; v < kVecs; ++v) store(state + v * kLanes, h[v]);
 }
 
@@ -206,10 +205,8 @@ void adjoint_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t s
     }
     sums_a[t] = grad_log_a_A, sums_b[t] = lambda_B;
   }
-  for (int64_t t = 0; t < steps; ++t) {  // lane sums off the recurrence loop's critical path
-    buf.grad_log_a_A[start + t] += lane_sum(sums_a[t]);
-    buf.lambda_B[start + t] += lane_sum(sums_b[t]);
-  }
+  add_all_lane_sums(sums_a, steps, buf.grad_log_a_A.data() + start);  // off the recurrence's critical path
+  add_all_lane_sums(sums_b, steps, buf.lambda_B.data() + start);
   for (int v = 0; v < kVecs; ++v) {
     store(buf.mu.data() + n0 + v * kLanes, mu[v]);
     store(buf.dA.data() + n0 + v * kLanes, dA[v]);
