@@ -8,6 +8,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <memory>
 #include <type_traits>
 #include <utility>
@@ -84,9 +87,9 @@ LETHE_INLINE void add_all_lane_sums(const Vec* sums, int64_t steps, float* y) {
 // exp(x) to ~1 ulp for x in [-87, 88], for a float or a Vec: exp(x) = 2^k * exp(r) with
 // k = round(x / ln 2), |r| <= ln2 / 2, exp(r) by its Taylor series to r^7 (error < 6e-9).
 // Inputs below -87 return ~1e-38 instead of 0 or a denormal: a decay that small is 0 to
-// every float32 sum it enters.
+// every float32 sum it enters. With AVX-512, Vecs take exp_table below instead.
 template <typename V>
-LETHE_INLINE V exp_approx(V x) {
+LETHE_INLINE V exp_series(V x) {
   if constexpr (std::is_same_v<V, float>) {
     x = std::min(std::max(x, -87.0f), 88.0f);  // min/max, not ?:, so loops over floats vectorize
   } else {
@@ -113,6 +116,44 @@ LETHE_INLINE V exp_approx(V x) {
     std::memcpy(&scale, &bits, sizeof(scale));
   }
   return p * scale;
+}
+
+#if defined(__AVX512F__)
+// 2^(j / 32) for j = 0..31, rounded to float.
+alignas(64) inline constexpr float kExp2Fractions[32] = {
+    1.0f,        1.0218972f,  1.04427373f, 1.06714046f, 1.09050775f, 1.1143868f,  1.13878858f, 1.1637249f,
+    1.18920708f, 1.21524739f, 1.24185777f, 1.26905096f, 1.29683959f, 1.32523668f, 1.35425556f, 1.38390994f,
+    1.41421354f, 1.44518077f, 1.47682619f, 1.50916445f, 1.54221082f, 1.5759809f,  1.61049032f, 1.64575553f,
+    1.68179286f, 1.71861935f, 1.75625217f, 1.79470909f, 1.8340081f,  1.87416768f, 1.91520655f, 1.95714414f};
+
+// exp(x) = 2^(k / 32) * exp(r), k = round(32 x / ln 2), |r| <= ln2 / 64: 2^(k mod 32 / 32) from a
+// 32-entry table held in two registers (one permute; the permute reads k's low 5 bits, which is
+// k mod 32 for negative k too), exp(r) by its series to r^3 (error < 6e-10), and 2^floor(k / 32)
+// applied by scalef, which also takes care of underflow. ~1.5 ulp, and about 40% fewer vector
+// operations than exp_series: the decays' exp is most of the kernel's arithmetic.
+LETHE_INLINE Vec exp_table(Vec x_in) {
+  const __m512 x = reinterpret_cast<__m512>(x_in);
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(32.0f * 1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f / 32.0f), x);  // ln2 / 32 in two parts
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860682030941723212e-6f / 32.0f), r);
+  __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(1.0f / 6.0f), _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512 fraction = _mm512_permutex2var_ps(_mm512_load_ps(kExp2Fractions), _mm512_cvtps_epi32(k),
+                                                 _mm512_load_ps(kExp2Fractions + 16));
+  return reinterpret_cast<Vec>(_mm512_scalef_ps(_mm512_mul_ps(fraction, p), _mm512_mul_ps(k, _mm512_set1_ps(1.0f / 32.0f))));
+}
+#endif
+
+template <typename V>
+LETHE_INLINE V exp_approx(V x) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<V, Vec>) return exp_table(x);
+  else return exp_series(x);
+#else
+  return exp_series(x);
+#endif
 }
 
 // log(1 + e) for e in [0, 1], vectorizable: 2 atanh(s) with s = e / (2 + e) <= 1/3, series to s^15.

@@ -193,8 +193,9 @@ void adjoint_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t s
     for (int v = 0; v < kVecs; ++v) {
       const int64_t i = t * N + v * kLanes;
       const Vec h_prev = t > 0 ? load(h + i - N) : load(buf.h_enter.data() + n0 + v * kLanes);
-      const Vec lambda = grad_y * load(C + i) + mu[v];  // dL/dh_t
-      mu[v] = load(a + i) * lambda;                      // mu for step t-1
+      const Vec decay = load(a + i), grad_C = grad_y * load(C + i);
+      const Vec lambda = grad_C + mu[v];                 // dL/dh_t
+      mu[v] = decay * mu[v] + decay * grad_C;            // mu for step t-1: one FMA on the chain
       const Vec grad_log_a = mu[v] * h_prev;             // dL/d(delta_t A_n)
       dA[v] += grad_log_a * dt;
       grad_log_a_A += grad_log_a * A[v];
