@@ -158,11 +158,11 @@ void forward_rows(const Problem& p, const T* u_in, const T* delta_in, const T* z
 
 // Per-thread buffers of the backward pass, sized for one row.
 struct BackwardBuffers {
-  Floats u, delta_raw, delta, du, g, y_pre, z, lambda_B, grad_log_a_A, a, h, h_enter, h_work, mu, dA;
+  Floats u, delta_raw, delta, du, g, y_pre, z, lambda_B, grad_log_a_A, a, h, h_work, mu, dA;
   explicit BackwardBuffers(const Problem& p)
       : u(p.length), delta_raw(p.length), delta(p.length), du(p.length), g(p.length), y_pre(p.length),
-        z(p.length), lambda_B(p.length), grad_log_a_A(p.length), a(p.chunk * p.lanes), h(p.chunk * p.lanes),
-        h_enter(p.lanes), h_work(p.lanes), mu(p.lanes), dA(p.lanes) {}
+        z(p.length), lambda_B(p.length), grad_log_a_A(p.length), a(p.chunk * p.lanes), h((p.chunk + 1) * p.lanes),
+        h_work(p.lanes), mu(p.lanes), dA(p.lanes) {}
 };
 
 // The adjoint recurrence through one chunk for the states of one block, last step first:
@@ -171,9 +171,9 @@ struct BackwardBuffers {
 // sum_n mu_t h_{t-1} A_n (the d delta term of the decays) and sum_n lambda_t B_t (the d(delta u)
 // term) over the block; dB/dC rows of this task's partial sums are assigned (first channel of
 // the group) or added.
-template <int kVecs>
+template <int kVecs, bool kFirstInGroup>
 void adjoint_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t start, int64_t steps,
-                   bool first_in_group, BackwardBuffers& buf, float* __restrict__ dB_part, float* __restrict__ dC_part) {
+                   BackwardBuffers& buf, float* __restrict__ dB_part, float* __restrict__ dC_part) {
   const int64_t N = p.lanes;
   const float* __restrict__ B = p.B + (b * p.length + start) * N + n0;
   const float* __restrict__ C = p.C + (b * p.length + start) * N + n0;
@@ -192,7 +192,7 @@ void adjoint_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t s
     Vec grad_log_a_A = {}, lambda_B = {};
     for (int v = 0; v < kVecs; ++v) {
       const int64_t i = t * N + v * kLanes;
-      const Vec h_prev = t > 0 ? load(h + i - N) : load(buf.h_enter.data() + n0 + v * kLanes);
+      const Vec h_prev = load(h + i);  // buf.h: the entering state, then the state after each step
       const Vec decay = load(a + i), grad_C = grad_y * load(C + i);
       const Vec lambda = grad_C + mu[v];                 // dL/dh_t
       mu[v] = decay * mu[v] + decay * grad_C;            // mu for step t-1: one FMA on the chain
@@ -200,9 +200,9 @@ void adjoint_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t s
       dA[v] += grad_log_a * dt;
       grad_log_a_A += grad_log_a * A[v];
       lambda_B += lambda * load(B + i);
-      const Vec dB_new = lambda * input, dC_new = grad_y * load(h + i);
-      store(dB + i, first_in_group ? dB_new : load(dB + i) + dB_new);
-      store(dC + i, first_in_group ? dC_new : load(dC + i) + dC_new);
+      const Vec dB_new = lambda * input, dC_new = grad_y * load(h + i + N);
+      store(dB + i, kFirstInGroup ? dB_new : load(dB + i) + dB_new);
+      store(dC + i, kFirstInGroup ? dC_new : load(dC + i) + dC_new);
     }
     sums_a[t] = grad_log_a_A, sums_b[t] = lambda_B;
   }
@@ -233,17 +233,17 @@ void backward_row(const Problem& p, int64_t row, bool first_in_group, const T* u
   for (int64_t k = p.n_chunks - 1; k >= 0; --k) {
     const int64_t start = k * p.chunk, steps = std::min(p.chunk, L - start);
     const float* enter = saved + (row * p.n_chunks + k) * S;
-    std::copy(enter, enter + S, buf.h_enter.begin());
-    std::copy(buf.h_enter.begin(), buf.h_enter.end(), buf.h_work.begin());
+    std::copy(enter, enter + S, buf.h.begin());  // row 0 of the chunk's states; the padding stays 0
+    std::copy(buf.h.begin(), buf.h.begin() + N, buf.h_work.begin());
     for_state_blocks(N, [&](auto vecs, int64_t n0) {
       constexpr int kVecs = decltype(vecs)::value;
       float* state = buf.h_work.data() + n0;
       if (z_in)  // out = y_pre * silu(z): dz needs y_pre, recomputed with the states
         scan_block<kVecs, true, true>(p, b, d, n0, start, steps, buf.delta.data(), buf.du.data(), state,
-                                      buf.y_pre.data(), buf.a.data(), buf.h.data());
+                                      buf.y_pre.data(), buf.a.data(), buf.h.data() + N);
       else
         scan_block<kVecs, false, true>(p, b, d, n0, start, steps, buf.delta.data(), buf.du.data(), state,
-                                       nullptr, buf.a.data(), buf.h.data());
+                                       nullptr, buf.a.data(), buf.h.data() + N);
     });
     if (z_in) {  // z[t] becomes dL/dz_t, g[t] the gradient of y before the gate
       float* __restrict__ z = buf.z.data();
@@ -257,7 +257,9 @@ void backward_row(const Problem& p, int64_t row, bool first_in_group, const T* u
       }
     }
     for_state_blocks(N, [&](auto vecs, int64_t n0) {
-      adjoint_block<decltype(vecs)::value>(p, b, d, n0, start, steps, first_in_group, buf, dB_part, dC_part);
+      constexpr int kVecs = decltype(vecs)::value;
+      if (first_in_group) adjoint_block<kVecs, true>(p, b, d, n0, start, steps, buf, dB_part, dC_part);
+      else adjoint_block<kVecs, false>(p, b, d, n0, start, steps, buf, dB_part, dC_part);
     });
   }
   // Per step: d delta (after softplus) = sum_n mu h A + (sum_n lambda B) u; d u = (sum_n lambda B)
