@@ -125,10 +125,12 @@ void store_row(const float* values, int64_t length, T* out) {
   for (int64_t t = 0; t < length; ++t) out[t] = static_cast<T>(values[t]);
 }
 
-// Forward of a range of rows: only the state is kept, d_state floats per row.
+// Forward of a range of rows: only the state is kept, d_state floats per row, and with z the
+// output before the gate (out_pre, which dz needs; recomputing it would cost the backward a
+// second C contraction).
 template <typename T>
-void forward_rows(const Problem& p, const T* u_in, const T* delta_in, const T* z_in, T* out, float* last,
-                  float* saved, int64_t row_begin, int64_t row_end) {
+void forward_rows(const Problem& p, const T* u_in, const T* delta_in, const T* z_in, T* out, T* out_pre,
+                  float* last, float* saved, int64_t row_begin, int64_t row_end) {
   const int64_t L = p.length, N = p.lanes, S = p.d_state;
   Floats u(L), delta_raw(L), delta(L), du(L), y(L), z(z_in ? L : 0), h(N);
   for (int64_t row = row_begin; row < row_end; ++row) {
@@ -149,6 +151,7 @@ void forward_rows(const Problem& p, const T* u_in, const T* delta_in, const T* z
     const float skip = p.D ? p.D[d] : 0.0f;
     for (int64_t t = 0; t < L; ++t) y[t] += skip * u[t];
     if (z_in) {
+      store_row(y.data(), L, out_pre + row * L);
       load_floats(z_in + row * L, L, z.data());
       for (int64_t t = 0; t < L; ++t) y[t] *= silu(z[t]);
     }
@@ -217,16 +220,27 @@ void adjoint_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t s
 // Gradients of one row (b, d), walking chunks in reverse.
 template <typename T>
 void backward_row(const Problem& p, int64_t row, bool first_in_group, const T* u_in, const T* delta_in,
-                  const T* z_in, const T* grad_out_in, const float* grad_last, const float* saved,
+                  const T* z_in, const T* out_pre_in, const T* grad_out_in, const float* grad_last, const float* saved,
                   T* grad_u_out, T* grad_delta_out, T* grad_z_out, float* dA_row, float* dD_row, float* dbias_row,
                   float* dinit_row, float* dB_part, float* dC_part, BackwardBuffers& buf) {
   const int64_t L = p.length, N = p.lanes, S = p.d_state;
   const int64_t b = row / p.channels, d = row % p.channels;
   const float skip = p.D ? p.D[d] : 0.0f;
   load_row(p, row, u_in, delta_in, buf.u.data(), buf.delta_raw.data(), buf.delta.data(), buf.du.data());
-  load_floats(grad_out_in + row * L, L, buf.g.data());  // becomes the gradient of y before the gate
-  if (z_in) load_floats(z_in + row * L, L, buf.z.data());
-  for (auto* v : {&buf.dA, &buf.mu, &buf.lambda_B, &buf.grad_log_a_A, &buf.y_pre}) std::fill(v->begin(), v->end(), 0.0f);
+  load_floats(grad_out_in + row * L, L, buf.g.data());
+  if (z_in) {  // out = out_pre * silu(z): z becomes dL/dz, g the gradient of y before the gate
+    load_floats(z_in + row * L, L, buf.z.data());
+    load_floats(out_pre_in + row * L, L, buf.y_pre.data());
+    float* __restrict__ z = buf.z.data();
+    float* __restrict__ g = buf.g.data();
+    const float* __restrict__ y_pre = buf.y_pre.data();
+    for (int64_t t = 0; t < L; ++t) {
+      const float sig = sigmoid(z[t]), gate = z[t];
+      z[t] = g[t] * y_pre[t] * sig * (1.0f + gate * (1.0f - sig));
+      g[t] *= gate * sig;
+    }
+  }
+  for (auto* v : {&buf.dA, &buf.mu, &buf.lambda_B, &buf.grad_log_a_A}) std::fill(v->begin(), v->end(), 0.0f);
   // mu after the last step is the gradient of the final state.
   if (grad_last) std::copy(grad_last + row * S, grad_last + (row + 1) * S, buf.mu.begin());
 
@@ -236,26 +250,9 @@ void backward_row(const Problem& p, int64_t row, bool first_in_group, const T* u
     std::copy(enter, enter + S, buf.h.begin());  // row 0 of the chunk's states; the padding stays 0
     std::copy(buf.h.begin(), buf.h.begin() + N, buf.h_work.begin());
     for_state_blocks(N, [&](auto vecs, int64_t n0) {
-      constexpr int kVecs = decltype(vecs)::value;
-      float* state = buf.h_work.data() + n0;
-      if (z_in)  // out = y_pre * silu(z): dz needs y_pre, recomputed with the states
-        scan_block<kVecs, true, true>(p, b, d, n0, start, steps, buf.delta.data(), buf.du.data(), state,
-                                      buf.y_pre.data(), buf.a.data(), buf.h.data() + N);
-      else
-        scan_block<kVecs, false, true>(p, b, d, n0, start, steps, buf.delta.data(), buf.du.data(), state,
-                                       nullptr, buf.a.data(), buf.h.data() + N);
+      scan_block<decltype(vecs)::value, false, true>(p, b, d, n0, start, steps, buf.delta.data(), buf.du.data(),
+                                                     buf.h_work.data() + n0, nullptr, buf.a.data(), buf.h.data() + N);
     });
-    if (z_in) {  // z[t] becomes dL/dz_t, g[t] the gradient of y before the gate
-      float* __restrict__ z = buf.z.data();
-      float* __restrict__ g = buf.g.data();
-      const float* __restrict__ y_pre = buf.y_pre.data();
-      const float* __restrict__ u = buf.u.data();
-      for (int64_t t = start; t < start + steps; ++t) {
-        const float sig = sigmoid(z[t]), gate = z[t];
-        z[t] = g[t] * (y_pre[t] + skip * u[t]) * sig * (1.0f + gate * (1.0f - sig));
-        g[t] *= gate * sig;
-      }
-    }
     for_state_blocks(N, [&](auto vecs, int64_t n0) {
       constexpr int kVecs = decltype(vecs)::value;
       if (first_in_group) adjoint_block<kVecs, true>(p, b, d, n0, start, steps, buf, dB_part, dC_part);
@@ -324,7 +321,7 @@ void check_inputs(const Tensor& u, const Tensor& delta, const Tensor& A, const T
     default: TORCH_CHECK(false, "lethe selective_scan (cpu kernel): inputs must be float32, bfloat16 or float16"); \
   }
 
-std::tuple<Tensor, Tensor, Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
+std::tuple<Tensor, Tensor, Tensor, Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
                                             const Tensor& C, const OptTensor& D, const OptTensor& z,
                                             const OptTensor& delta_bias, const OptTensor& initial_state,
                                             bool delta_softplus, int64_t chunk) {
@@ -334,14 +331,16 @@ std::tuple<Tensor, Tensor, Tensor> scan_fwd(const Tensor& u, const Tensor& delta
   Tensor out = at::empty_like(u);
   Tensor last = at::empty({p.batch, p.channels, p.d_state}, u.options().dtype(at::kFloat));
   Tensor saved = at::empty({p.batch, p.channels, p.n_chunks, p.d_state}, u.options().dtype(at::kFloat));
+  Tensor out_pre = z ? at::empty_like(u) : at::empty({0}, u.options());
   LETHE_DISPATCH_FLOATS(u.scalar_type(), [&] {
     const scalar_t* z_ptr = z ? z->data_ptr<scalar_t>() : nullptr;
+    scalar_t* out_pre_ptr = z ? out_pre.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, p.batch * p.channels, 1, [&](int64_t begin, int64_t end) {
-      forward_rows<scalar_t>(p, u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), z_ptr, out.data_ptr<scalar_t>(),
+      forward_rows<scalar_t>(p, u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), z_ptr, out.data_ptr<scalar_t>(), out_pre_ptr,
                              last.data_ptr<float>(), saved.data_ptr<float>(), begin, end);
     });
   });
-  return {out, last, saved};
+  return {out, last, saved, out_pre};
 }
 
 // Channels per backward task. dB/dC partial sums take (batch, channels / group, length, lanes)
@@ -352,11 +351,12 @@ int64_t channel_group(int64_t lanes) { return std::max<int64_t>(16, lanes); }
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> scan_bwd(
     const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C, const OptTensor& D,
     const OptTensor& z, const OptTensor& delta_bias, const OptTensor& initial_state, bool delta_softplus, int64_t chunk,
-    const Tensor& saved, const Tensor& grad_out, const OptTensor& grad_last) {
+    const Tensor& saved, const Tensor& out_pre, const Tensor& grad_out, const OptTensor& grad_last) {
   check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state);
   const StateOperands operands(A, B, C);
   const Problem p = make_problem(u, operands, A.size(1), D, delta_bias, initial_state, delta_softplus, chunk);
   check(saved.scalar_type() == at::kFloat && saved.is_contiguous() && saved.dim() == 4 && saved.size(2) == p.n_chunks, "saved chunk states do not match the inputs");
+  check(!z || (out_pre.sizes() == u.sizes() && out_pre.scalar_type() == u.scalar_type() && out_pre.is_contiguous()), "the saved output before the gate does not match u");
   check(grad_out.scalar_type() == u.scalar_type() && grad_out.sizes() == u.sizes() && grad_out.is_contiguous(), "grad_out must have u's shape and dtype");
   check(!grad_last || (grad_last->scalar_type() == at::kFloat && grad_last->is_contiguous() && grad_last->numel() == p.batch * p.channels * p.d_state), "grad of the last state must be float32 (batch, channels, d_state)");
 
@@ -380,6 +380,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 
   LETHE_DISPATCH_FLOATS(u.scalar_type(), [&] {
     const scalar_t* z_ptr = z ? z->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* out_pre_ptr = z ? out_pre.data_ptr<scalar_t>() : nullptr;
     scalar_t* grad_z_ptr = z ? grad_z.data_ptr<scalar_t>() : nullptr;
     const float* grad_last_ptr = grad_last ? grad_last->data_ptr<float>() : nullptr;
     at::parallel_for(0, p.batch * n_groups, 1, [&](int64_t begin, int64_t end) {
@@ -390,7 +391,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
         for (int64_t d = first; d < std::min(first + group, p.channels); ++d) {
           const int64_t row = b * p.channels + d;
           backward_row<scalar_t>(p, row, d == first, u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), z_ptr,
-                                 grad_out.data_ptr<scalar_t>(), grad_last_ptr, saved.data_ptr<float>(),
+                                 out_pre_ptr, grad_out.data_ptr<scalar_t>(), grad_last_ptr, saved.data_ptr<float>(),
                                  grad_u.data_ptr<scalar_t>(), grad_delta.data_ptr<scalar_t>(), grad_z_ptr,
                                  dA_rows.data_ptr<float>() + row * p.d_state, dD_rows.data_ptr<float>() + row,
                                  dbias_rows.data_ptr<float>() + row, grad_initial.data_ptr<float>() + row * p.d_state,
@@ -434,9 +435,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 
 TORCH_LIBRARY(lethe_cpu, m) {
   m.def("scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
-        "Tensor? initial_state, bool delta_softplus, int chunk) -> (Tensor, Tensor, Tensor)");
+        "Tensor? initial_state, bool delta_softplus, int chunk) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
-        "Tensor? initial_state, bool delta_softplus, int chunk, Tensor saved, Tensor grad_out, Tensor? grad_last) "
+        "Tensor? initial_state, bool delta_softplus, int chunk, Tensor saved, Tensor out_pre, Tensor grad_out, "
+        "Tensor? grad_last) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -174,22 +174,14 @@ def _n_chunks(u) -> int:
     return -(-u.shape[-1] // CHUNK[u.device.type])
 
 
-def _saves_gate_input(u, z) -> bool:
-    """The CUDA kernel keeps y before the gate for dz; the CPU kernel recomputes it."""
-    return z is not None and u.device.type == "cuda"
-
-
 @torch.library.custom_op("lethe::selective_scan_fwd", mutates_args=())
 def selective_scan_fwd(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
     initial_state: torch.Tensor | None, delta_softplus: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns y, the last state, the chunk-entering states and (CUDA with z) y before the gate."""
+    """Returns y, the last state, the chunk-entering states and (with z) y before the gate."""
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, CHUNK[u.device.type])
-    if u.device.type == "cpu":
-        y, last, saved = _launch("scan_fwd", u, args)
-        return y, last, saved, u.new_empty(0)
     return tuple(_launch("scan_fwd", u, args))
 
 
@@ -197,7 +189,7 @@ def selective_scan_fwd(
 def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
     batch, channels, _ = u.shape
     d_state = A.shape[1]
-    y_pre = u.new_empty(u.shape) if _saves_gate_input(u, z) else u.new_empty(0)
+    y_pre = u.new_empty(u.shape) if z is not None else u.new_empty(0)
     return (u.new_empty(u.shape), u.new_empty(batch, channels, d_state, dtype=torch.float32),
             u.new_empty(batch, channels, _n_chunks(u), d_state, dtype=torch.float32), y_pre)
 
@@ -211,8 +203,6 @@ def selective_scan_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of u, delta, A, B, C, D, z, delta_bias, initial_state (empty where the input is None)."""
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, CHUNK[u.device.type], saved)
-    if u.device.type == "cpu":  # the CPU kernel recomputes y before the gate
-        return tuple(_launch("scan_bwd", u, (*args, grad_y, grad_last)))
     return tuple(_launch("scan_bwd", u, (*args, y_pre, grad_y, grad_last)))
 
 
