@@ -9,9 +9,9 @@
 // kLanes floats (cpu_vector_math.h, exp included). Math and state are float32 whatever the
 // input dtype.
 //
-// Forward saves only the state entering each chunk: (batch, channels, n_chunks, d_state).
-// Backward walks the chunks in reverse, recomputes a chunk's states from its saved entering
-// state, then runs the adjoint recurrence backwards through it. dB and dC sum over channels:
+// Forward saves only the state entering each chunk, (batch, channels, n_chunks, d_state), and
+// with z the output before the gate. Backward walks the chunks in reverse, recomputes a chunk's
+// states from its saved entering state, then runs the adjoint recurrence backwards through it. dB and dC sum over channels:
 // each task owns a fixed group of channels and writes its own partial sums, which a second
 // pass adds in a fixed order, so gradients are bit-identical run to run (no atomics, and the
 // result does not depend on the number of threads).
