@@ -17,10 +17,12 @@ FLOAT64_SCAN_IMPLS = ("auto", "reference", "chunked")
 
 
 def run_script(script, *args, cwd=ROOT, env_extra=None, check=True, timeout=600):
-    """Run one of the repository's scripts (train.py, eval.py, ...) offline in a fresh interpreter."""
+    """Run one of the repository's scripts (train.py, eval.py, ...) offline in a fresh interpreter.
+    env_extra adds variables; one whose value is None is removed from the script's environment."""
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     env.update(env_extra or {})
+    env = {k: v for k, v in env.items() if v is not None}
     proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -28,7 +28,7 @@ def compared(tmp_path_factory):
                "baseline=none,matched", "trainer.max_steps=10", "trainer.val_check_interval=10", "trainer.limit_test_batches=2")
     out = root / "eval"
     proc = run_script("eval.py", f"ckpt={sweep}", f"paths.data_dir={data_dir}", f"out_dir={out}", "lengths=[0.5,1,2]",
-                      "splits=[test]")
+                      "splits=[test]", f"paths.log_dir={root / 'logs'}")  # Hydra's eval.log: not in the repo
     return sweep, data_dir, out, proc
 
 
@@ -92,5 +92,5 @@ def test_missing_corrupt_and_foreign_checkpoints_fail_in_one_line(tmp_path):
         with pytest.raises(LetheError, match=message):
             for ckpt in find_checkpoints(str(path)):
                 load_trained_model(ckpt)
-    proc = run_script("eval.py", f"ckpt={corrupt}", check=False)  # the CLI: one line, no traceback
+    proc = run_script("eval.py", f"ckpt={corrupt}", f"paths.log_dir={tmp_path}", check=False)  # the CLI: one line, no traceback
     assert proc.returncode == 2 and "could not be read" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1500:]

@@ -201,10 +201,10 @@ def checkpoint(tmp_path_factory):
     return path, model, tokenizer
 
 
-def test_generate_cli_streams_the_greedy_continuation(checkpoint):
+def test_generate_cli_streams_the_greedy_continuation(checkpoint, tmp_path):
     path, model, tokenizer = checkpoint
     proc = run_script("generate.py", f"ckpt={path}", 'prompt="def main("', "temperature=0", "max_new_tokens=40",
-                      "stop_at_eos=false", "device=cpu")
+                      "stop_at_eos=false", "device=cpu", f"paths.log_dir={tmp_path}")  # Hydra's generate.log: not in the repo
     prompt = [tokenizer.eos_token_id] + tokenizer.encode("def main(", add_special_tokens=False)
     expected = tokenizer.decode(generate(model, [prompt], max_new_tokens=40, temperature=0)[0])
     # random weights emit arbitrary bytes: the stream still ends with exactly the decoded text
@@ -212,13 +212,14 @@ def test_generate_cli_streams_the_greedy_continuation(checkpoint):
     assert "40 new tokens in" in proc.stderr and "tokens/s, cpu" in proc.stderr
 
 
-def test_generate_cli_decodes_a_batch_and_refuses_bad_input(checkpoint):
+def test_generate_cli_decodes_a_batch_and_refuses_bad_input(checkpoint, tmp_path):
     path, _, _ = checkpoint
-    out = run_script("generate.py", f"ckpt={path}", 'prompt=["import os","class A"]', "max_new_tokens=8", "seed=3").stdout
+    logs = f"paths.log_dir={tmp_path}"
+    out = run_script("generate.py", f"ckpt={path}", 'prompt=["import os","class A"]', "max_new_tokens=8", "seed=3", logs).stdout
     assert "--- [0] ---\nimport os" in out and "--- [1] ---\nclass A" in out
     for args, message in [((), "no checkpoint"), ((f"ckpt={path}", "top_k=0"), "top_k=0 must be >= 1"),
                           ((f"ckpt={path}", "device=tpu"), "device='tpu'")]:
-        proc = run_script("generate.py", *args, check=False)
+        proc = run_script("generate.py", *args, logs, check=False)
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
 

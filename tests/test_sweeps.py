@@ -30,7 +30,7 @@ def test_optuna_search_records_a_failed_trial_and_the_report_collects_it(tmp_pat
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == pytest.approx(best["best_params"]["optim.lr"])
 
     out = tmp_path / "report"
-    report = run_script("eval.py", f"sweep={sweep}", f"out_dir={out}").stdout
+    report = run_script("eval.py", f"sweep={sweep}", f"out_dir={out}", f"paths.log_dir={tmp_path}").stdout
     assert f"| {run_dir.name} |" in report and "1 failed" in report and "seq_len=0" in report
     with open(out / "sweep.csv") as f:
         (row,) = list(csv.DictReader(f))

@@ -1,8 +1,11 @@
-"""The training pieces on their own: schedule, atomic checkpoints, NaN guard, config composition."""
+"""The training pieces on their own: schedule, atomic checkpoints, NaN guard, gradient accumulation,
+config composition."""
 
 import math
+from functools import partial
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -11,6 +14,8 @@ from omegaconf import open_dict
 
 from lethe.config import instantiate
 from lethe.errors import LetheError
+from lethe.models import MambaLM
+from lethe.training.callbacks import ThroughputMonitor
 from lethe.training.checkpoint import AtomicCheckpointIO, read_checkpoint
 from lethe.training.module import LanguageModelTask, NonFiniteLossError, summed_nll
 from lethe.training.schedule import warmup_cosine
@@ -112,6 +117,50 @@ def test_optimizer_groups_follow_the_models_decay_split():
     assert decays[id(names[next(n for n in names if n.endswith("A_log"))])] == 0.0
     assert decays[id(names[next(n for n in names if n.endswith("in_proj.weight"))])] == cfg.optim.weight_decay
     assert len(decays) == len(list(model.parameters()))
+
+
+class OptimizerSteps(L.Callback):
+    """The learning rate and the gradients (accumulated, before clipping) at every optimizer step."""
+
+    def __init__(self):
+        self.lrs, self.grads = [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+        self.grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})
+
+
+def fit_three_steps(batches, accumulate):
+    """Three optimizer steps of a small Mamba over `batches`, as train.py's task, optimizer and schedule run them."""
+    torch.manual_seed(0)
+    model = MambaLM(vocab_size=64, d_model=32, n_layer=2, d_state=8, scan_impl="chunked")
+    task = LanguageModelTask(model, optimizer=partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1),
+                             scheduler=partial(warmup_cosine, warmup_steps=3, min_lr=1e-4))
+    steps, throughput = OptimizerSteps(), ThroughputMonitor()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, accumulate_grad_batches=accumulate, gradient_clip_val=1.0,
+                        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[steps, throughput])
+    trainer.fit(task, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return trainer, steps, throughput, model
+
+
+def test_accumulated_micro_batches_step_like_one_whole_batch():
+    tokens = torch.randint(0, 64, (12, 17), generator=torch.Generator().manual_seed(0))
+
+    def as_batches(rows):
+        return [{"input_ids": t[:, :-1], "labels": t[:, 1:]} for t in tokens.split(rows)]
+
+    acc_trainer, acc_steps, acc_tokens, acc_model = fit_three_steps(as_batches(2), accumulate=2)  # 6 micro-batches of 2
+    trainer, steps, whole_tokens, model = fit_three_steps(as_batches(4), accumulate=1)  # 3 batches of 4
+    assert acc_trainer.global_step == trainer.global_step == 3
+    assert acc_tokens.tokens_seen == whole_tokens.tokens_seen == 12 * 16  # every micro-batch counted
+    # warmup over 3 steps: a schedule stepped per micro-batch would reach the peak at the second step
+    assert acc_steps.lrs == steps.lrs == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2])
+    for step, (accumulated, whole) in enumerate(zip(acc_steps.grads, steps.grads)):
+        for name in whole:  # the mean of the two micro-batch losses is the whole batch's mean loss
+            torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-6, msg=f"step {step}: {name}")
+    for (name, a), b in zip(acc_model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("model", options("model"))

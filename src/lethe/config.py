@@ -27,12 +27,23 @@ def instantiate(cfg, *args, **kwargs):
         raise
 
 
+def _count_or_fraction(v, allow_zero: bool) -> bool:
+    """Lightning's limit_*_batches: a number of batches (int) or a fraction of the split (float)."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return v >= (0 if allow_zero else 1)
+    return (0 <= v if allow_zero else 0 < v) and v <= 1
+
+
 # key -> (predicate, description of the valid range)
 _RANGE_CHECKS = {
     "seed": (lambda v: v >= 0, "an integer >= 0"),
     "seq_len": (lambda v: v >= 1, "an integer >= 1"),
     "optim.lr": (lambda v: v > 0, "a number > 0"),
     "optim.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "optim.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1), e.g. [0.9,0.95]"),
+    "optim.eps": (lambda v: v > 0, "a number > 0, e.g. 1e-8"),
     "scheduler.warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
     "scheduler.min_lr": (lambda v: v >= 0, "a number >= 0"),
     "trainer.max_steps": (lambda v: v >= 1, "an integer >= 1"),
@@ -40,6 +51,11 @@ _RANGE_CHECKS = {
     "trainer.gradient_clip_val": (lambda v: v is None or v > 0, "a number > 0 or null"),
     # the training stream is endless, so validation is placed by batch count, never by epoch fraction
     "trainer.val_check_interval": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1 (training batches)"),
+    # validation is what writes the checkpoints, so it never scores zero batches
+    "trainer.limit_val_batches": (lambda v: _count_or_fraction(v, allow_zero=False),
+                                  "an integer >= 1 (batches) or a fraction in (0, 1] of the split"),
+    "trainer.limit_test_batches": (lambda v: _count_or_fraction(v, allow_zero=True),
+                                   "an integer >= 0 (batches) or a fraction in [0, 1] of the split"),
     "trainer.log_every_n_steps": (lambda v: v >= 1, "an integer >= 1"),
     "data.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "data.eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
