@@ -153,7 +153,7 @@ def test_kernels_refuse_mismatched_inputs_naming_the_argument(library):
     assert scan_kernels.unavailable(library.removeprefix("lethe_")) is None
     inputs = make_inputs(1, 2, 9, 3)
     args = [inputs[name] for name in ("u", "delta", "A")] + [inputs["B"][:, :, :8].contiguous(), inputs["C"], None, None, None, None, True]
-    extra = (1024, 0) if library == "lethe_cuda_emulated" else (128,)
+    extra = (1024, 0) if library == "lethe_cuda_emulated" else (scan_kernels.CHUNK["cpu"],)
     with pytest.raises(RuntimeError, match=r"kernel\): B and C must be \(batch, d_state, length\)"):
         getattr(torch.ops, library).scan_fwd(*args, *extra)
 

@@ -26,8 +26,8 @@ SHAPES = [  # (batch, channels, length, d_state): length 1, odd lengths, around 
     (1, 3, 1, 1),
     (2, 5, 7, 4),
     (1, 8, 17, 16),
-    (2, 4, 65, 64),
-    (3, 6, 129, 2),  # just past the CPU kernel's 128-step chunk
+    (2, 4, 65, 64),  # just past the CPU kernel's 64-step chunk
+    (3, 6, 129, 2),  # two CPU chunks and a step
     (1, 2, 1025, 16),  # just past the CUDA kernel's 1024-step chunk
     *random_shapes(3, seed=2026),
 ]
