@@ -203,6 +203,40 @@ def test_build_is_keyed_by_the_sources(monkeypatch, tmp_path):
     assert scan_kernels._library_name("cpu", options) != before
 
 
+def _has_avx512() -> bool:
+    try:
+        return " avx512f " in f" {scan_kernels._cpu_fingerprint()} "
+    except OSError:
+        return False
+
+
+# Run in a fresh interpreter: a second library defining the lethe_cpu ops cannot load beside the first.
+PORTABLE_BUILD_CHECK = """
+import sys, torch
+from lethe.ops import scan_kernels
+from helpers import make_inputs, run
+scan_kernels._native_flags = lambda: ["-march=native", "-mno-avx512f"]
+scan_kernels.BUILD_DIR = scan_kernels.Path(sys.argv[1])
+assert scan_kernels.unavailable("cpu") is None, scan_kernels.unavailable("cpu")
+for shape in [(2, 3, 1, 4), (1, 4, 129, 5), (2, 3, 300, 16), (1, 2, 70, 40)]:
+    inputs = make_inputs(*shape, seed=sum(shape))
+    expected, got = run("reference", inputs, True, True, True), run("cpu", inputs, True, True, True)
+    for name, a, b in [("y", expected[0], got[0]), ("last", expected[1], got[1]),
+                       *((f"d{k}", expected[2][k], got[2][k]) for k in expected[2])]:
+        torch.testing.assert_close(b, a, rtol=6e-4, atol=2e-3, msg=lambda m: f"{shape} {name}: {m}")
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not _has_avx512(), reason="the default build here already is the portable one")
+def test_cpu_kernel_without_avx512_matches_reference(tmp_path):
+    """On AVX-512 machines the kernel uses 16-float vectors and a table-driven exp; the 8-float
+    path with the series exp (AVX2 x86, ARM) must stay right too, so build it here as well."""
+    result = subprocess.run([sys.executable, "-c", PORTABLE_BUILD_CHECK, str(tmp_path / "build")], cwd=ROOT / "tests",
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-2000:] + result.stderr[-3000:]
+
+
 # ---- compile checks: a syntax or template error fails CI, which has nvcc but no GPU -------------
 
 def torch_includes():
