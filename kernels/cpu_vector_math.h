@@ -54,7 +54,11 @@ constexpr int fold_index(int S, int i, bool high) {
 }
 template <int S, std::size_t... I>
 LETHE_INLINE Vec fold(Vec x, Vec y, std::index_sequence<I...>) {
+#if defined(__clang__)
   return __builtin_shufflevector(x, y, fold_index(S, I, false)...) + __builtin_shufflevector(x, y, fold_index(S, I, true)...);
+#else  // GCC's own spelling: __builtin_shufflevector only exists from GCC 12
+  return __builtin_shuffle(x, y, IntVec{fold_index(S, I, false)...}) + __builtin_shuffle(x, y, IntVec{fold_index(S, I, true)...});
+#endif
 }
 template <int S>
 LETHE_INLINE void fold_level(Vec* v, int count) {
