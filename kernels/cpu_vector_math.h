@@ -136,7 +136,9 @@ alignas(64) inline constexpr float kExp2Fractions[32] = {
 // applied by scalef, which also takes care of underflow. ~1.5 ulp, and about 40% fewer vector
 // operations than exp_series: the decays' exp is most of the kernel's arithmetic.
 LETHE_INLINE Vec exp_table(Vec x_in) {
-  const __m512 x = reinterpret_cast<__m512>(x_in);
+  // Below -104 every float result is 0; clamping keeps the range reduction exact for any finite
+  // or infinite input (max returns its second operand for NaN, so a NaN stays NaN).
+  const __m512 x = _mm512_max_ps(_mm512_set1_ps(-104.0f), reinterpret_cast<__m512>(x_in));
   const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(32.0f * 1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f / 32.0f), x);  // ln2 / 32 in two parts

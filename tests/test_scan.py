@@ -93,6 +93,20 @@ def test_stable_for_long_sequences_and_extreme_delta(impl):
 
 
 @pytest.mark.parametrize("impl", ["chunked", "cpu"])
+@pytest.mark.parametrize("delta_value", [1e4, 1e30])
+def test_decays_far_below_float_range_are_zero(impl, delta_value):
+    """delta * A of -1e4 or -1e30: every decay is 0 (the state forgets at once), never inf or NaN."""
+    inputs = make_inputs(1, 3, 40, 16, seed=3)
+    inputs["delta"] = torch.full_like(inputs["delta"], delta_value)
+    args = {k: v for k, v in inputs.items() if k not in ("initial_state", "delta_bias")}
+    y_ref, last_ref = selective_scan(**args, delta_softplus=False, impl="reference")
+    y, last = selective_scan(**args, delta_softplus=False, impl=impl)
+    assert torch.isfinite(y).all() and torch.isfinite(y_ref).all()
+    torch.testing.assert_close(y, y_ref, rtol=6e-4, atol=2e-3)
+    torch.testing.assert_close(last, last_ref, rtol=6e-4, atol=2e-3)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "cpu"])
 def test_state_carries_across_segments(impl):
     """Scanning [first; second] equals scanning first, then second from first's final state."""
     inputs = make_inputs(2, 4, 300, 8, seed=9)
