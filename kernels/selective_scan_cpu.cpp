@@ -30,6 +30,7 @@
 #include <tuple>
 
 #include "cpu_vector_math.h"
+#include "output_pool.h"
 #include "scan_inputs.h"
 
 namespace {
@@ -328,10 +329,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> scan_fwd(const Tensor& u, const Tenso
   check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state);
   const StateOperands operands(A, B, C);
   const Problem p = make_problem(u, operands, A.size(1), D, delta_bias, initial_state, delta_softplus, chunk);
-  Tensor out = at::empty_like(u);
+  OutputPool& pool = OutputPool::instance();
+  Tensor out = pool.empty_like(u);
   Tensor last = at::empty({p.batch, p.channels, p.d_state}, u.options().dtype(at::kFloat));
   Tensor saved = at::empty({p.batch, p.channels, p.n_chunks, p.d_state}, u.options().dtype(at::kFloat));
-  Tensor out_pre = z ? at::empty_like(u) : at::empty({0}, u.options());
+  Tensor out_pre = z ? pool.empty_like(u) : at::empty({0}, u.options());
   LETHE_DISPATCH_FLOATS(u.scalar_type(), [&] {
     const scalar_t* z_ptr = z ? z->data_ptr<scalar_t>() : nullptr;
     scalar_t* out_pre_ptr = z ? out_pre.data_ptr<scalar_t>() : nullptr;
@@ -362,8 +364,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 
   const int64_t group = channel_group(p.lanes), n_groups = (p.channels + group - 1) / group;
   const auto f32 = u.options().dtype(at::kFloat);
-  Tensor grad_u = at::empty_like(u), grad_delta = at::empty_like(u);
-  Tensor grad_z = z ? at::empty_like(u) : at::empty({0}, u.options());
+  OutputPool& pool = OutputPool::instance();
+  Tensor grad_u = pool.empty_like(u), grad_delta = pool.empty_like(u);
+  Tensor grad_z = z ? pool.empty_like(u) : at::empty({0}, u.options());
   Tensor dA_rows = at::empty({p.batch, p.channels, p.d_state}, f32);
   Tensor dD_rows = at::empty({p.batch, p.channels}, f32), dbias_rows = at::empty({p.batch, p.channels}, f32);
   Tensor grad_initial = at::empty({p.batch, p.channels, p.d_state}, f32);

@@ -203,6 +203,24 @@ def test_build_is_keyed_by_the_sources(monkeypatch, tmp_path):
     assert scan_kernels._library_name("cpu", options) != before
 
 
+def test_cpu_outputs_reuse_freed_memory_and_never_alias_live_ones():
+    """Outputs come from a pool of blocks kept mapped (kernels/output_pool.h): a freed output's
+    block serves the next call of the same shape, never one that is still alive."""
+    # without z the forward's only (batch, channels, length) output is y
+    first = {k: v for k, v in make_inputs(2, 8, 300, 16, seed=1).items() if k != "z"}
+    second = {k: v for k, v in make_inputs(2, 8, 300, 16, seed=2).items() if k != "z"}
+    y1, _ = selective_scan(**first, impl="cpu")
+    kept = y1.clone()
+    y2, _ = selective_scan(**second, impl="cpu")
+    assert y2.data_ptr() != y1.data_ptr() and torch.equal(y1, kept)
+    block = y1.data_ptr()
+    del y1
+    y3, _ = selective_scan(**first, impl="cpu")
+    assert y3.data_ptr() == block and torch.equal(y3, kept)
+    y_ref, _ = selective_scan(**second, impl="reference")
+    torch.testing.assert_close(y2, y_ref, rtol=6e-4, atol=2e-3)
+
+
 def _has_avx512() -> bool:
     try:
         return " avx512f " in f" {scan_kernels._cpu_fingerprint()} "
