@@ -79,12 +79,13 @@ void for_state_blocks(int64_t lanes, Fn&& fn) {
 }
 
 // Steps [start, start + steps) of row (b, d) for the states of one block, starting from `state`
-// (kVecs vectors; left holding the state after the last step). kOutputs: add each step's
-// <C_t, h_t> over the block to y[t]. kKeep: store the decays and states in the chunk buffers
-// a[t][n], h[t][n] (t counted from `start`), which the backward walks.
+// (kVecs vectors; left holding the state after the last step). The forward (kKeep false) adds
+// each step's <C_t, h_t> over the block to y[t]; the backward's recompute (kKeep true) needs no
+// outputs (the forward saved y before the gate) and stores the decays and states in the chunk
+// buffers a[t][n], h[t][n] (t counted from `start`) instead, which the adjoint walks.
 constexpr int64_t kMaxChunk = 256;  // steps per chunk at most (scan_block's stack buffer)
 
-template <int kVecs, bool kOutputs, bool kKeep>
+template <int kVecs, bool kKeep>
 void scan_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t start, int64_t steps,
                 const float* __restrict__ delta, const float* __restrict__ du, float* __restrict__ state,
                 float* __restrict__ y, float* __restrict__ a_keep, float* __restrict__ h_keep) {
@@ -92,7 +93,7 @@ void scan_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t star
   const float* __restrict__ B = p.B + (b * p.length + start) * N + n0;
   const float* __restrict__ C = p.C + (b * p.length + start) * N + n0;
   Vec A[kVecs], h[kVecs];
-  Vec sums[kOutputs ? kMaxChunk : 1];  // per step, summed across lanes after the recurrence loop
+  Vec sums[kKeep ? 1 : kMaxChunk];  // per step, summed across lanes after the recurrence loop
   for (int v = 0; v < kVecs; ++v) A[v] = load(p.A + d * N + n0 + v * kLanes), h[v] = load(state + v * kLanes);
   for (int64_t t = 0; t < steps; ++t) {
     const float step = delta[start + t], input = du[start + t];
@@ -102,11 +103,11 @@ void scan_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t star
       const Vec decay = exp_approx(step * A[v]);
       h[v] = decay * h[v] + input * load(B + i);
       if constexpr (kKeep) store(a_keep + i + n0, decay), store(h_keep + i + n0, h[v]);
-      if constexpr (kOutputs) sum += load(C + i) * h[v];
+      else sum += load(C + i) * h[v];
     }
-    if constexpr (kOutputs) sums[t] = sum;
+    if constexpr (!kKeep) sums[t] = sum;
   }
-  if constexpr (kOutputs) add_all_lane_sums(sums, steps, y + start);
+  if constexpr (!kKeep) add_all_lane_sums(sums, steps, y + start);
   for (int v = 0; v < kVecs; ++v) store(state + v * kLanes, h[v]);
 }
 
@@ -144,8 +145,8 @@ void forward_rows(const Problem& p, const T* u_in, const T* delta_in, const T* z
       const int64_t start = k * p.chunk, steps = std::min(p.chunk, L - start);
       std::copy(h.begin(), h.begin() + S, saved + (row * p.n_chunks + k) * S);
       for_state_blocks(N, [&](auto vecs, int64_t n0) {
-        scan_block<decltype(vecs)::value, true, false>(p, b, d, n0, start, steps, delta.data(), du.data(),
-                                                       h.data() + n0, y.data(), nullptr, nullptr);
+        scan_block<decltype(vecs)::value, false>(p, b, d, n0, start, steps, delta.data(), du.data(), h.data() + n0,
+                                                 y.data(), nullptr, nullptr);
       });
     }
     std::copy(h.begin(), h.begin() + S, last + row * S);
@@ -251,8 +252,8 @@ void backward_row(const Problem& p, int64_t row, bool first_in_group, const T* u
     std::copy(enter, enter + S, buf.h.begin());  // row 0 of the chunk's states; the padding stays 0
     std::copy(buf.h.begin(), buf.h.begin() + N, buf.h_work.begin());
     for_state_blocks(N, [&](auto vecs, int64_t n0) {
-      scan_block<decltype(vecs)::value, false, true>(p, b, d, n0, start, steps, buf.delta.data(), buf.du.data(),
-                                                     buf.h_work.data() + n0, nullptr, buf.a.data(), buf.h.data() + N);
+      scan_block<decltype(vecs)::value, true>(p, b, d, n0, start, steps, buf.delta.data(), buf.du.data(),
+                                              buf.h_work.data() + n0, nullptr, buf.a.data(), buf.h.data() + N);
     });
     for_state_blocks(N, [&](auto vecs, int64_t n0) {
       constexpr int kVecs = decltype(vecs)::value;
