@@ -29,6 +29,7 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu_row_io.h"
 #include "cpu_vector_math.h"
 #include "output_pool.h"
 #include "scan_inputs.h"
@@ -38,29 +39,6 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using namespace lethe_cpu;
-
-// One (batch, channel) row converted to float32: delta after bias and softplus, delta*u, u.
-template <typename T>
-void load_row(const Problem& p, int64_t row, const T* u_in, const T* delta_in, float* __restrict__ u,
-              float* __restrict__ delta_raw, float* __restrict__ delta, float* __restrict__ du) {
-  const int64_t offset = row * p.length;
-  const float bias = p.delta_bias ? p.delta_bias[row % p.channels] : 0.0f;
-  for (int64_t t = 0; t < p.length; ++t) {
-    u[t] = static_cast<float>(u_in[offset + t]);
-    delta_raw[t] = static_cast<float>(delta_in[offset + t]) + bias;
-  }
-  if (p.softplus) {
-    for (int64_t t = 0; t < p.length; ++t) delta[t] = softplus(delta_raw[t]);
-  } else {
-    std::copy(delta_raw, delta_raw + p.length, delta);
-  }
-  for (int64_t t = 0; t < p.length; ++t) du[t] = delta[t] * u[t];
-}
-
-template <typename T>
-void load_floats(const T* in, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(in[i]);
-}
 
 // Calls fn(std::integral_constant<int, kVecs>{}, n0) for consecutive blocks of the padded state,
 // [n0, n0 + kVecs * kLanes) with kVecs <= 4: within a block the state, decays and adjoints stay
@@ -111,22 +89,6 @@ void scan_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t star
   for (int v = 0; v < kVecs; ++v) store(state + v * kLanes, h[v]);
 }
 
-// sum_t x[t] * y[t] (y null: sum_t x[t]) in kLanes partial sums: vectorized, and the same
-// order every time.
-float dot(const float* __restrict__ x, const float* __restrict__ y, int64_t length) {
-  Vec partial = {};
-  int64_t t = 0;
-  for (; t + kLanes <= length; t += kLanes) partial += y ? load(x + t) * load(y + t) : load(x + t);
-  float total = lane_sum(partial);
-  for (; t < length; ++t) total += y ? x[t] * y[t] : x[t];
-  return total;
-}
-
-template <typename T>
-void store_row(const float* values, int64_t length, T* out) {
-  for (int64_t t = 0; t < length; ++t) out[t] = static_cast<T>(values[t]);
-}
-
 // Forward of a range of rows: only the state is kept, d_state floats per row, and with z the
 // output before the gate (out_pre, which dz needs; recomputing it would cost the backward a
 // second C contraction).
@@ -134,15 +96,19 @@ template <typename T>
 void forward_rows(const Problem& p, const T* u_in, const T* delta_in, const T* z_in, T* out, T* out_pre,
                   float* last, float* saved, int64_t row_begin, int64_t row_end) {
   const int64_t L = p.length, N = p.lanes, S = p.d_state;
-  Floats u(L), delta_raw(L), delta(L), du(L), y(L), z(z_in ? L : 0), h(N);
+  Floats u(L), delta_raw(L), delta(L), du(L), y(L), h(N);
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t b = row / p.channels, d = row % p.channels;
     load_row(p, row, u_in, delta_in, u.data(), delta_raw.data(), delta.data(), du.data());
     if (p.initial) std::copy(p.initial + row * S, p.initial + (row + 1) * S, h.begin());
     else std::fill(h.begin(), h.end(), 0.0f);
     std::fill(y.begin(), y.end(), 0.0f);
+    const bool has_next = row + 1 < row_end;
+    auto next_row = [&](auto* base, int64_t start) { return base && has_next ? base + (row + 1) * L + start : nullptr; };
     for (int64_t k = 0; k < p.n_chunks; ++k) {
       const int64_t start = k * p.chunk, steps = std::min(p.chunk, L - start);
+      for (const T* in : {u_in, delta_in, z_in}) prefetch(next_row(in, start), steps, false);
+      for (T* result : {out, out_pre}) prefetch(next_row(result, start), steps, true);
       std::copy(h.begin(), h.begin() + S, saved + (row * p.n_chunks + k) * S);
       for_state_blocks(N, [&](auto vecs, int64_t n0) {
         scan_block<decltype(vecs)::value, false>(p, b, d, n0, start, steps, delta.data(), du.data(), h.data() + n0,
@@ -151,23 +117,27 @@ void forward_rows(const Problem& p, const T* u_in, const T* delta_in, const T* z
     }
     std::copy(h.begin(), h.begin() + S, last + row * S);
     const float skip = p.D ? p.D[d] : 0.0f;
-    for (int64_t t = 0; t < L; ++t) y[t] += skip * u[t];
+    T* __restrict__ out_row = out + row * L;
     if (z_in) {
-      store_row(y.data(), L, out_pre + row * L);
-      load_floats(z_in + row * L, L, z.data());
-      for (int64_t t = 0; t < L; ++t) y[t] *= silu(z[t]);
+      const T* __restrict__ z = z_in + row * L;
+      T* __restrict__ pre = out_pre + row * L;
+      for (int64_t t = 0; t < L; ++t) {
+        const float y_t = y[t] + skip * u[t];
+        pre[t] = static_cast<T>(y_t);
+        out_row[t] = static_cast<T>(y_t * silu(static_cast<float>(z[t])));
+      }
+    } else {
+      for (int64_t t = 0; t < L; ++t) out_row[t] = static_cast<T>(y[t] + skip * u[t]);
     }
-    store_row(y.data(), L, out + row * L);
   }
 }
 
 // Per-thread buffers of the backward pass, sized for one row.
 struct BackwardBuffers {
-  Floats u, delta_raw, delta, du, g, y_pre, z, lambda_B, grad_log_a_A, a, h, h_work, mu, dA;
+  Floats u, delta_raw, delta, du, g, lambda_B, grad_log_a_A, a, h, h_work, mu, dA;
   explicit BackwardBuffers(const Problem& p)
-      : u(p.length), delta_raw(p.length), delta(p.length), du(p.length), g(p.length), y_pre(p.length),
-        z(p.length), lambda_B(p.length), grad_log_a_A(p.length), a(p.chunk * p.lanes), h((p.chunk + 1) * p.lanes),
-        h_work(p.lanes), mu(p.lanes), dA(p.lanes) {}
+      : u(p.length), delta_raw(p.length), delta(p.length), du(p.length), g(p.length), lambda_B(p.length),
+        grad_log_a_A(p.length), a(p.chunk * p.lanes), h((p.chunk + 1) * p.lanes), h_work(p.lanes), mu(p.lanes), dA(p.lanes) {}
 };
 
 // The adjoint recurrence through one chunk for the states of one block, last step first:
@@ -221,7 +191,7 @@ void adjoint_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t s
 
 // Gradients of one row (b, d), walking chunks in reverse.
 template <typename T>
-void backward_row(const Problem& p, int64_t row, bool first_in_group, const T* u_in, const T* delta_in,
+void backward_row(const Problem& p, int64_t row, bool first_in_group, bool has_next, const T* u_in, const T* delta_in,
                   const T* z_in, const T* out_pre_in, const T* grad_out_in, const float* grad_last, const float* saved,
                   T* grad_u_out, T* grad_delta_out, T* grad_z_out, float* dA_row, float* dD_row, float* dbias_row,
                   float* dinit_row, float* dB_part, float* dC_part, BackwardBuffers& buf) {
@@ -229,25 +199,28 @@ void backward_row(const Problem& p, int64_t row, bool first_in_group, const T* u
   const int64_t b = row / p.channels, d = row % p.channels;
   const float skip = p.D ? p.D[d] : 0.0f;
   load_row(p, row, u_in, delta_in, buf.u.data(), buf.delta_raw.data(), buf.delta.data(), buf.du.data());
-  load_floats(grad_out_in + row * L, L, buf.g.data());
-  if (z_in) {  // out = out_pre * silu(z): z becomes dL/dz, g the gradient of y before the gate
-    load_floats(z_in + row * L, L, buf.z.data());
-    load_floats(out_pre_in + row * L, L, buf.y_pre.data());
-    float* __restrict__ z = buf.z.data();
+  if (z_in) {  // out = out_pre * silu(z): dL/dz goes straight out, g is the gradient of y before the gate
+    const T* __restrict__ grad_out = grad_out_in + row * L;
+    const T* __restrict__ z = z_in + row * L;
+    const T* __restrict__ y_pre = out_pre_in + row * L;
+    T* __restrict__ grad_z = grad_z_out + row * L;
     float* __restrict__ g = buf.g.data();
-    const float* __restrict__ y_pre = buf.y_pre.data();
     for (int64_t t = 0; t < L; ++t) {
-      const float sig = sigmoid(z[t]), gate = z[t];
-      z[t] = g[t] * y_pre[t] * sig * (1.0f + gate * (1.0f - sig));
-      g[t] *= gate * sig;
+      const float gate = static_cast<float>(z[t]), sig = sigmoid(gate), grad = static_cast<float>(grad_out[t]);
+      grad_z[t] = static_cast<T>(grad * static_cast<float>(y_pre[t]) * sig * (1.0f + gate * (1.0f - sig)));
+      g[t] = grad * gate * sig;
     }
+  } else {
+    load_floats(grad_out_in + row * L, L, buf.g.data());
   }
   for (auto* v : {&buf.dA, &buf.mu, &buf.lambda_B, &buf.grad_log_a_A}) std::fill(v->begin(), v->end(), 0.0f);
   // mu after the last step is the gradient of the final state.
   if (grad_last) std::copy(grad_last + row * S, grad_last + (row + 1) * S, buf.mu.begin());
-
+  auto next_row = [&](auto* base, int64_t start) { return base && has_next ? base + (row + 1) * L + start : nullptr; };
   for (int64_t k = p.n_chunks - 1; k >= 0; --k) {
     const int64_t start = k * p.chunk, steps = std::min(p.chunk, L - start);
+    for (const T* in : {u_in, delta_in, z_in, out_pre_in, grad_out_in}) prefetch(next_row(in, start), steps, false);
+    for (T* result : {grad_u_out, grad_delta_out, grad_z_out}) prefetch(next_row(result, start), steps, true);
     const float* enter = saved + (row * p.n_chunks + k) * S;
     std::copy(enter, enter + S, buf.h.begin());  // row 0 of the chunk's states; the padding stays 0
     std::copy(buf.h.begin(), buf.h.begin() + N, buf.h_work.begin());
@@ -262,18 +235,20 @@ void backward_row(const Problem& p, int64_t row, bool first_in_group, const T* u
     });
   }
   // Per step: d delta (after softplus) = sum_n mu h A + (sum_n lambda B) u; d u = (sum_n lambda B)
-  // delta + g D. Loops over time, so they vectorize; y_pre and lambda_B become the outputs.
-  float* grad_delta = buf.y_pre.data();
-  float* grad_u = buf.lambda_B.data();
+  // delta + g D. Loops over time, so they vectorize.
+  float* __restrict__ grad_delta = buf.grad_log_a_A.data();  // in place
+  const float* __restrict__ lambda_B = buf.lambda_B.data();
+  const float* __restrict__ u = buf.u.data();
+  const float* __restrict__ delta = buf.delta.data();
+  const float* __restrict__ g = buf.g.data();
+  T* __restrict__ grad_u = grad_u_out + row * L;
   for (int64_t t = 0; t < L; ++t) {
-    grad_delta[t] = buf.grad_log_a_A[t] + buf.lambda_B[t] * buf.u[t];
-    grad_u[t] = buf.lambda_B[t] * buf.delta[t] + buf.g[t] * skip;
+    grad_delta[t] += lambda_B[t] * u[t];
+    grad_u[t] = static_cast<T>(lambda_B[t] * delta[t] + g[t] * skip);
   }
   if (p.softplus)  // softplus' = sigmoid
     for (int64_t t = 0; t < L; ++t) grad_delta[t] *= sigmoid(buf.delta_raw[t]);
-  const float dD = dot(buf.g.data(), buf.u.data(), L), dbias = dot(grad_delta, nullptr, L);
-  if (z_in) store_row(buf.z.data(), L, grad_z_out + row * L);
-  store_row(grad_u, L, grad_u_out + row * L);
+  const float dD = dot(g, u, L), dbias = dot(grad_delta, nullptr, L);
   store_row(grad_delta, L, grad_delta_out + row * L);
   *dD_row = dD;
   *dbias_row = dbias;
@@ -389,12 +364,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     const float* grad_last_ptr = grad_last ? grad_last->data_ptr<float>() : nullptr;
     at::parallel_for(0, p.batch * n_groups, 1, [&](int64_t begin, int64_t end) {
       BackwardBuffers buffers(p);
+      // Rows run in order through this range of tasks: each prefetches the next one's inputs.
+      const int64_t last_task = end - 1, last_first = (last_task % n_groups) * group;
+      const int64_t rows_end = last_task / n_groups * p.channels + std::min(last_first + group, p.channels);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / n_groups, first = (task % n_groups) * group;
         const int64_t offset = task * p.length * p.lanes;
         for (int64_t d = first; d < std::min(first + group, p.channels); ++d) {
           const int64_t row = b * p.channels + d;
-          backward_row<scalar_t>(p, row, d == first, u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), z_ptr,
+          backward_row<scalar_t>(p, row, d == first, row + 1 < rows_end, u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), z_ptr,
                                  out_pre_ptr, grad_out.data_ptr<scalar_t>(), grad_last_ptr, saved.data_ptr<float>(),
                                  grad_u.data_ptr<scalar_t>(), grad_delta.data_ptr<scalar_t>(), grad_z_ptr,
                                  dA_rows.data_ptr<float>() + row * p.d_state, dD_rows.data_ptr<float>() + row,

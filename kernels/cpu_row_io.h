@@ -1,0 +1,65 @@
+// Row input and output of the CPU selective-scan kernel: one (batch, channel) row's length
+// of each (batch, channels, length) tensor, converted to and from float32.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu_vector_math.h"
+
+namespace lethe_cpu {
+
+// One (batch, channel) row converted to float32: delta after bias and softplus, delta*u, u.
+template <typename T>
+void load_row(const Problem& p, int64_t row, const T* u_in, const T* delta_in, float* __restrict__ u,
+              float* __restrict__ delta_raw, float* __restrict__ delta, float* __restrict__ du) {
+  const int64_t offset = row * p.length;
+  const float bias = p.delta_bias ? p.delta_bias[row % p.channels] : 0.0f;
+  for (int64_t t = 0; t < p.length; ++t) {
+    u[t] = static_cast<float>(u_in[offset + t]);
+    delta_raw[t] = static_cast<float>(delta_in[offset + t]) + bias;
+  }
+  if (p.softplus) {
+    for (int64_t t = 0; t < p.length; ++t) delta[t] = softplus(delta_raw[t]);
+  } else {
+    std::copy(delta_raw, delta_raw + p.length, delta);
+  }
+  for (int64_t t = 0; t < p.length; ++t) du[t] = delta[t] * u[t];
+}
+
+template <typename T>
+void load_floats(const T* in, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(in[i]);
+}
+
+// sum_t x[t] * y[t] (y null: sum_t x[t]) in kLanes partial sums: vectorized, and the same
+// order every time.
+inline float dot(const float* __restrict__ x, const float* __restrict__ y, int64_t length) {
+  Vec partial = {};
+  int64_t t = 0;
+  for (; t + kLanes <= length; t += kLanes) partial += y ? load(x + t) * load(y + t) : load(x + t);
+  float total = lane_sum(partial);
+  for (; t < length; ++t) total += y ? x[t] * y[t] : x[t];
+  return total;
+}
+
+template <typename T>
+void store_row(const float* values, int64_t length, T* out) {
+  for (int64_t t = 0; t < length; ++t) out[t] = static_cast<T>(values[t]);
+}
+
+// Rows are a page (4 KB) or so of each input, and the hardware prefetcher stops at page
+// boundaries: each row would start with a run of cache misses. While one row computes, its
+// chunk asks for the same steps of the next row's inputs (and output lines, to write), so they
+// are in L2 when that row starts.
+template <typename T>
+LETHE_INLINE void prefetch(const T* begin, int64_t count, bool write) {
+  if (!begin) return;
+  const char* end = reinterpret_cast<const char*>(begin + count);
+  for (const char* line = reinterpret_cast<const char*>(begin); line < end; line += 64) {
+    if (write) __builtin_prefetch(line, 1, 2);
+    else __builtin_prefetch(line, 0, 2);
+  }
+}
+
+}  // namespace lethe_cpu
