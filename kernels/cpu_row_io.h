@@ -19,8 +19,10 @@ void load_row(const Problem& p, int64_t row, const T* u_in, const T* delta_in, f
     u[t] = static_cast<float>(u_in[offset + t]);
     delta_raw[t] = static_cast<float>(delta_in[offset + t]) + bias;
   }
-  if (p.softplus) {
-    for (int64_t t = 0; t < p.length; ++t) delta[t] = softplus(delta_raw[t]);
+  if (p.softplus) {  // in whole vectors: written as Vec ops, the exp is the decays' (a table on AVX-512)
+    int64_t t = 0;
+    for (; t + kLanes <= p.length; t += kLanes) store(delta + t, softplus(load(delta_raw + t)));
+    for (; t < p.length; ++t) delta[t] = softplus(delta_raw[t]);
   } else {
     std::copy(delta_raw, delta_raw + p.length, delta);
   }

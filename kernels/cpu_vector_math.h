@@ -162,10 +162,11 @@ LETHE_INLINE V exp_approx(V x) {
 #endif
 }
 
-// log(1 + e) for e in [0, 1], vectorizable: 2 atanh(s) with s = e / (2 + e) <= 1/3, series to s^15.
-LETHE_INLINE float log1p_unit(float e) {
-  const float s = e / (2.0f + e), s2 = s * s;
-  float p = 1.0f / 15.0f;
+// log(1 + e) for e in [0, 1], a float or a Vec: 2 atanh(s) with s = e / (2 + e) <= 1/3, series to s^15.
+template <typename V>
+LETHE_INLINE V log1p_unit(V e) {
+  const V s = e / (2.0f + e), s2 = s * s;
+  V p = V{} + 1.0f / 15.0f;
   p = p * s2 + 1.0f / 13.0f;
   p = p * s2 + 1.0f / 11.0f;
   p = p * s2 + 1.0f / 9.0f;
@@ -176,8 +177,13 @@ LETHE_INLINE float log1p_unit(float e) {
   return 2.0f * s * p;
 }
 
-// softplus(x) = max(x, 0) + log(1 + exp(-|x|)): exact in form for every x, no overflow.
-LETHE_INLINE float softplus(float x) { return std::max(x, 0.0f) + log1p_unit(exp_approx(-std::fabs(x))); }
+// softplus(x) = max(x, 0) + log(1 + exp(-|x|)): exact in form for every x, no overflow. On a
+// Vec it uses the Vec exp (the table on AVX-512).
+template <typename V>
+LETHE_INLINE V softplus(V x) {
+  if constexpr (std::is_same_v<V, float>) return std::max(x, 0.0f) + log1p_unit(exp_approx(-std::fabs(x)));
+  else return (x > 0.0f ? x : V{}) + log1p_unit(exp_approx(x < 0.0f ? x : -x));
+}
 LETHE_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
 
 // Everything one call needs, in float32 where the kernel reads it per element.
