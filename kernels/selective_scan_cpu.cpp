@@ -263,10 +263,18 @@ void check(bool ok, const char* message) { TORCH_CHECK(ok, "lethe selective_scan
 struct StateOperands {
   Tensor A, B, C;
   StateOperands(const Tensor& A_in, const Tensor& B_in, const Tensor& C_in) {
-    const int64_t pad = (kLanes - A_in.size(1) % kLanes) % kLanes;
-    A = at::constant_pad_nd(A_in, {0, pad}).contiguous();
-    B = at::constant_pad_nd(B_in.transpose(1, 2).to(at::kFloat), {0, pad}).contiguous();
-    C = at::constant_pad_nd(C_in.transpose(1, 2).to(at::kFloat), {0, pad}).contiguous();
+    const int64_t d_state = A_in.size(1), lanes = (d_state + kLanes - 1) / kLanes * kLanes;
+    A = lanes == d_state ? A_in : at::constant_pad_nd(A_in, {0, lanes - d_state});  // checked contiguous float32
+    B = time_major(B_in, lanes);
+    C = time_major(C_in, lanes);
+  }
+  // (batch, d_state, length) in any float dtype -> (batch, length, lanes) float32: one copy.
+  static Tensor time_major(const Tensor& x, int64_t lanes) {
+    const int64_t d_state = x.size(1);
+    Tensor out = at::empty({x.size(0), x.size(2), lanes}, x.options().dtype(at::kFloat));
+    out.narrow(2, 0, d_state).copy_(x.transpose(1, 2));
+    if (lanes > d_state) out.narrow(2, d_state, lanes - d_state).zero_();
+    return out;
   }
 };
 
@@ -401,9 +409,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   auto state_major = [&](float* part, at::ScalarType dtype) {  // group 0: (b, L, lanes) -> (b, d_state, L)
     return at::from_blob(part, {p.batch, n_groups, p.length, p.lanes}, f32).select(1, 0).narrow(2, 0, p.d_state).transpose(1, 2).contiguous().to(dtype);
   };
-  auto sum_over_batch = [&](const Tensor& rows) {
-    Tensor total = rows.select(0, 0).clone();
-    for (int64_t b = 1; b < p.batch; ++b) total.add_(rows.select(0, b));
+  auto sum_over_batch = [&](const Tensor& rows) {  // (batch, k...) -> (k...), batch 0 first: fixed order
+    const int64_t k = rows.numel() / p.batch;
+    Tensor total = at::empty(rows.sizes().slice(1), f32);
+    const float* in = rows.data_ptr<float>();
+    float* out = total.data_ptr<float>();
+    std::copy(in, in + k, out);
+    for (int64_t b = 1; b < p.batch; ++b)
+      for (int64_t i = 0; i < k; ++i) out[i] += in[b * k + i];
     return total;
   };
   Tensor grad_D = D ? sum_over_batch(dD_rows) : at::empty({0}, f32);
