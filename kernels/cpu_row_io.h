@@ -51,9 +51,10 @@ void store_row(const float* values, int64_t length, T* out) {
 }
 
 // Rows are a page (4 KB) or so of each input, and the hardware prefetcher stops at page
-// boundaries: each row would start with a run of cache misses. While one row computes, its
-// chunk asks for the same steps of the next row's inputs (and output lines, to write), so they
-// are in L2 when that row starts.
+// boundaries: each row would start with a run of cache misses. While one row computes, each
+// chunk asks for the same steps of the next row's inputs, output lines (to write) and saved
+// chunk state, so they are in L2 when that row starts. The backward's per-chunk load of the
+// saved state was the costliest miss: prefetching it took 10% off the backward.
 template <typename T>
 LETHE_INLINE void prefetch(const T* begin, int64_t count, bool write) {
   if (!begin) return;

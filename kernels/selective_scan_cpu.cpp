@@ -109,6 +109,7 @@ void forward_rows(const Problem& p, const T* u_in, const T* delta_in, const T* z
       const int64_t start = k * p.chunk, steps = std::min(p.chunk, L - start);
       for (const T* in : {u_in, delta_in, z_in}) prefetch(next_row(in, start), steps, false);
       for (T* result : {out, out_pre}) prefetch(next_row(result, start), steps, true);
+      prefetch(has_next ? saved + ((row + 1) * p.n_chunks + k) * S : nullptr, S, true);
       std::copy(h.begin(), h.begin() + S, saved + (row * p.n_chunks + k) * S);
       for_state_blocks(N, [&](auto vecs, int64_t n0) {
         scan_block<decltype(vecs)::value, false>(p, b, d, n0, start, steps, delta.data(), du.data(), h.data() + n0,
@@ -221,6 +222,7 @@ void backward_row(const Problem& p, int64_t row, bool first_in_group, bool has_n
     const int64_t start = k * p.chunk, steps = std::min(p.chunk, L - start);
     for (const T* in : {u_in, delta_in, z_in, out_pre_in, grad_out_in}) prefetch(next_row(in, start), steps, false);
     for (T* result : {grad_u_out, grad_delta_out, grad_z_out}) prefetch(next_row(result, start), steps, true);
+    prefetch(has_next ? saved + ((row + 1) * p.n_chunks + k) * S : nullptr, S, false);
     const float* enter = saved + (row * p.n_chunks + k) * S;
     std::copy(enter, enter + S, buf.h.begin());  // row 0 of the chunk's states; the padding stays 0
     std::copy(buf.h.begin(), buf.h.begin() + N, buf.h_work.begin());
