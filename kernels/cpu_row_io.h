@@ -4,10 +4,45 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu_vector_math.h"
 
 namespace lethe_cpu {
+
+// Elementwise passes over a row run fn(t, tag) for t in [0, n): whole Vecs first (tag Vec{}),
+// then the rest one float at a time (tag 0.0f). load_as / store_as read and write a T row at t
+// as the tag's type, so one generic lambda serves both (and the Vec exp serves the gates).
+template <typename Fn>
+LETHE_INLINE void for_each_step(int64_t n, Fn&& fn) {
+  int64_t t = 0;
+  for (; t + kLanes <= n; t += kLanes) fn(t, Vec{});
+  for (; t < n; ++t) fn(t, 0.0f);
+}
+
+template <typename T, typename V>
+LETHE_INLINE V load_as(const T* p, V) {
+  if constexpr (std::is_same_v<V, float>) {
+    return static_cast<float>(*p);
+  } else if constexpr (std::is_same_v<T, float>) {
+    return load(p);
+  } else {
+    Vec v;
+    for (int i = 0; i < kLanes; ++i) v[i] = static_cast<float>(p[i]);
+    return v;
+  }
+}
+
+template <typename T, typename V>
+LETHE_INLINE void store_as(T* p, V v) {
+  if constexpr (std::is_same_v<V, float>) {
+    *p = static_cast<T>(v);
+  } else if constexpr (std::is_same_v<T, float>) {
+    store(p, v);
+  } else {
+    for (int i = 0; i < kLanes; ++i) p[i] = static_cast<T>(v[i]);
+  }
+}
 
 // One (batch, channel) row converted to float32: delta after bias and softplus, delta*u, u.
 template <typename T>
@@ -19,10 +54,8 @@ void load_row(const Problem& p, int64_t row, const T* u_in, const T* delta_in, f
     u[t] = static_cast<float>(u_in[offset + t]);
     delta_raw[t] = static_cast<float>(delta_in[offset + t]) + bias;
   }
-  if (p.softplus) {  // in whole vectors: written as Vec ops, the exp is the decays' (a table on AVX-512)
-    int64_t t = 0;
-    for (; t + kLanes <= p.length; t += kLanes) store(delta + t, softplus(load(delta_raw + t)));
-    for (; t < p.length; ++t) delta[t] = softplus(delta_raw[t]);
+  if (p.softplus) {
+    for_each_step(p.length, [&](int64_t t, auto tag) { store_as(delta + t, softplus(load_as(delta_raw + t, tag))); });
   } else {
     std::copy(delta_raw, delta_raw + p.length, delta);
   }

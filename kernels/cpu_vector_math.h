@@ -184,7 +184,12 @@ LETHE_INLINE V softplus(V x) {
   if constexpr (std::is_same_v<V, float>) return std::max(x, 0.0f) + log1p_unit(exp_approx(-std::fabs(x)));
   else return (x > 0.0f ? x : V{}) + log1p_unit(exp_approx(x < 0.0f ? x : -x));
 }
-LETHE_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+// sigmoid of a float or a Vec; below -88 it is 0 to float precision (and the exp never overflows).
+template <typename V>
+LETHE_INLINE V sigmoid(V x) {
+  if constexpr (std::is_same_v<V, float>) return 1.0f / (1.0f + exp_approx(std::min(-x, 88.0f)));
+  else return 1.0f / (1.0f + exp_approx(x < -88.0f ? V{} + 88.0f : -x));
+}
 
 // Everything one call needs, in float32 where the kernel reads it per element.
 struct Problem {
@@ -197,7 +202,6 @@ struct Problem {
   const float* initial;      // (batch, channels, d_state) or null
   bool softplus;
 };
-LETHE_INLINE float silu(float x) { return x * sigmoid(x); }
 
 // A float buffer aligned to a cache line, so a Vec load at a multiple of kLanes never straddles
 // two lines (std::vector's 16-byte alignment made the kernel's speed vary from run to run).

@@ -1,7 +1,7 @@
 // Fused selective scan for CPU tensors: the same op as the CUDA kernel, the same algorithm.
 //
 //   h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t      y_t = <C_t, h_t> + D * u_t
-//   out_t = y_t * silu(z_t),   delta_t = softplus(delta_raw_t + delta_bias)
+//   out_t = y_t * silu(z_t) = y_t * z_t * sigmoid(z_t),   delta_t = softplus(delta_raw_t + delta_bias)
 //
 // Threaded over (batch, channel) rows with at::parallel_for; each row walks the sequence in
 // chunks of `chunk` steps. A chunk's decays a[t][n] and states h[t][n] live in a small buffer
@@ -122,11 +122,11 @@ void forward_rows(const Problem& p, const T* u_in, const T* delta_in, const T* z
     if (z_in) {
       const T* __restrict__ z = z_in + row * L;
       T* __restrict__ pre = out_pre + row * L;
-      for (int64_t t = 0; t < L; ++t) {
-        const float y_t = y[t] + skip * u[t];
-        pre[t] = static_cast<T>(y_t);
-        out_row[t] = static_cast<T>(y_t * silu(static_cast<float>(z[t])));
-      }
+      for_each_step(L, [&](int64_t t, auto tag) {
+        const auto y_t = load_as(y.data() + t, tag) + skip * load_as(u.data() + t, tag), gate = load_as(z + t, tag);
+        store_as(pre + t, y_t);
+        store_as(out_row + t, y_t * gate * sigmoid(gate));
+      });
     } else {
       for (int64_t t = 0; t < L; ++t) out_row[t] = static_cast<T>(y[t] + skip * u[t]);
     }
@@ -206,11 +206,11 @@ void backward_row(const Problem& p, int64_t row, bool first_in_group, bool has_n
     const T* __restrict__ y_pre = out_pre_in + row * L;
     T* __restrict__ grad_z = grad_z_out + row * L;
     float* __restrict__ g = buf.g.data();
-    for (int64_t t = 0; t < L; ++t) {
-      const float gate = static_cast<float>(z[t]), sig = sigmoid(gate), grad = static_cast<float>(grad_out[t]);
-      grad_z[t] = static_cast<T>(grad * static_cast<float>(y_pre[t]) * sig * (1.0f + gate * (1.0f - sig)));
-      g[t] = grad * gate * sig;
-    }
+    for_each_step(L, [&](int64_t t, auto tag) {
+      const auto gate = load_as(z + t, tag), grad = load_as(grad_out + t, tag), sig = sigmoid(gate);
+      store_as(grad_z + t, grad * load_as(y_pre + t, tag) * sig * (1.0f + gate * (1.0f - sig)));
+      store_as(g + t, grad * gate * sig);
+    });
   } else {
     load_floats(grad_out_in + row * L, L, buf.g.data());
   }
@@ -249,7 +249,9 @@ void backward_row(const Problem& p, int64_t row, bool first_in_group, bool has_n
     grad_u[t] = static_cast<T>(lambda_B[t] * delta[t] + g[t] * skip);
   }
   if (p.softplus)  // softplus' = sigmoid
-    for (int64_t t = 0; t < L; ++t) grad_delta[t] *= sigmoid(buf.delta_raw[t]);
+    for_each_step(L, [&](int64_t t, auto tag) {
+      store_as(grad_delta + t, load_as(grad_delta + t, tag) * sigmoid(load_as(buf.delta_raw.data() + t, tag)));
+    });
   const float dD = dot(g, u, L), dbias = dot(grad_delta, nullptr, L);
   store_row(grad_delta, L, grad_delta_out + row * L);
   *dD_row = dD;
