@@ -1,0 +1,120 @@
+// The CPU kernel's inner loops over one chunk of one (batch, channel) row: the recurrence (the
+// forward, and the backward's recompute) and the adjoint. Every loop over d_state runs in whole
+// Vecs that stay in registers from one time step to the next.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "cpu_vector_math.h"
+
+namespace lethe_cpu {
+
+// Calls fn(std::integral_constant<int, kVecs>{}, n0) for consecutive blocks of the padded state,
+// [n0, n0 + kVecs * kLanes) with kVecs <= 4: within a block the state, decays and adjoints stay
+// in registers from one time step to the next (loops over a compile-time kVecs unroll).
+template <typename Fn>
+void for_state_blocks(int64_t lanes, Fn&& fn) {
+  constexpr int kMaxVecs = 4;
+  int64_t n0 = 0;
+  for (; lanes - n0 >= kMaxVecs * kLanes; n0 += kMaxVecs * kLanes) fn(std::integral_constant<int, kMaxVecs>{}, n0);
+  switch ((lanes - n0) / kLanes) {
+    case 1: fn(std::integral_constant<int, 1>{}, n0); break;
+    case 2: fn(std::integral_constant<int, 2>{}, n0); break;
+    case 3: fn(std::integral_constant<int, 3>{}, n0); break;
+    default: break;
+  }
+}
+
+// Steps [start, start + steps) of row (b, d) for the states of one block, starting from `state`
+// (kVecs vectors; left holding the state after the last step). The forward (kKeep false) adds
+// each step's <C_t, h_t> over the block to y[t]; the backward's recompute (kKeep true) needs no
+// outputs (the forward saved y before the gate) and stores the decays and states in the chunk
+// buffers a[t][n], h[t][n] (t counted from `start`) instead, which the adjoint walks.
+constexpr int64_t kMaxChunk = 256;  // steps per chunk at most (scan_block's stack buffer)
+
+template <int kVecs, bool kKeep>
+void scan_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t start, int64_t steps,
+                const float* __restrict__ delta, const float* __restrict__ du, float* __restrict__ state,
+                float* __restrict__ y, float* __restrict__ a_keep, float* __restrict__ h_keep) {
+  const int64_t N = p.lanes;
+  const float* __restrict__ B = p.B + (b * p.length + start) * N + n0;
+  const float* __restrict__ C = p.C + (b * p.length + start) * N + n0;
+  Vec A[kVecs], h[kVecs];
+  Vec sums[kKeep ? 1 : kMaxChunk];  // per step, summed across lanes after the recurrence loop
+  for (int v = 0; v < kVecs; ++v) A[v] = load(p.A + d * N + n0 + v * kLanes), h[v] = load(state + v * kLanes);
+  for (int64_t t = 0; t < steps; ++t) {
+    const float step = delta[start + t], input = du[start + t];
+    Vec sum = {};
+    for (int v = 0; v < kVecs; ++v) {
+      const int64_t i = t * N + v * kLanes;
+      const Vec decay = exp_approx(step * A[v]);
+      h[v] = decay * h[v] + input * load(B + i);
+      if constexpr (kKeep) store(a_keep + i + n0, decay), store(h_keep + i + n0, h[v]);
+      else sum += load(C + i) * h[v];
+    }
+    if constexpr (!kKeep) sums[t] = sum;
+  }
+  if constexpr (!kKeep) add_all_lane_sums(sums, steps, y + start);
+  for (int v = 0; v < kVecs; ++v) store(state + v * kLanes, h[v]);
+}
+
+// Per-thread buffers of the backward pass, sized for one row.
+struct BackwardBuffers {
+  Floats u, delta_raw, delta, du, g, lambda_B, grad_log_a_A, a, h, h_work, mu, dA;
+  explicit BackwardBuffers(const Problem& p)
+      : u(p.length), delta_raw(p.length), delta(p.length), du(p.length), g(p.length), lambda_B(p.length),
+        grad_log_a_A(p.length), a(p.chunk * p.lanes), h((p.chunk + 1) * p.lanes), h_work(p.lanes), mu(p.lanes), dA(p.lanes) {}
+};
+
+// The adjoint recurrence through one chunk for the states of one block, last step first:
+//   lambda_t = dL/dh_t = g_t C_t + mu_{t+1},   mu_t = a_t lambda_t
+// mu enters from the step after the chunk and leaves for the step before it. Per step it adds
+// sum_n mu_t h_{t-1} A_n (the d delta term of the decays) and sum_n lambda_t B_t (the d(delta u)
+// term) over the block; dB/dC rows of this task's partial sums are assigned (first channel of
+// the group) or added.
+template <int kVecs, bool kFirstInGroup>
+void adjoint_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t start, int64_t steps,
+                   BackwardBuffers& buf, float* __restrict__ dB_part, float* __restrict__ dC_part) {
+  const int64_t N = p.lanes;
+  const float* __restrict__ B = p.B + (b * p.length + start) * N + n0;
+  const float* __restrict__ C = p.C + (b * p.length + start) * N + n0;
+  const float* __restrict__ a = buf.a.data() + n0;
+  const float* __restrict__ h = buf.h.data() + n0;
+  float* __restrict__ dB = dB_part + start * N + n0;
+  float* __restrict__ dC = dC_part + start * N + n0;
+  Vec A[kVecs], mu[kVecs], dA[kVecs], sums_a[kMaxChunk], sums_b[kMaxChunk];
+  for (int v = 0; v < kVecs; ++v) {
+    A[v] = load(p.A + d * N + n0 + v * kLanes), mu[v] = load(buf.mu.data() + n0 + v * kLanes);
+    dA[v] = load(buf.dA.data() + n0 + v * kLanes);
+  }
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    const int64_t step = start + t;
+    const float grad_y = buf.g[step], input = buf.du[step], dt = buf.delta[step];
+    Vec grad_log_a_A = {}, lambda_B = {};
+    for (int v = 0; v < kVecs; ++v) {
+      const int64_t i = t * N + v * kLanes;
+      const Vec h_prev = load(h + i);  // buf.h: the entering state, then the state after each step
+      const Vec decay = load(a + i), grad_C = grad_y * load(C + i);
+      const Vec lambda = grad_C + mu[v];                 // dL/dh_t
+      mu[v] = decay * mu[v] + decay * grad_C;            // mu for step t-1: one FMA on the chain
+      const Vec grad_log_a = mu[v] * h_prev;             // dL/d(delta_t A_n)
+      dA[v] += grad_log_a * dt;
+      grad_log_a_A += grad_log_a * A[v];
+      lambda_B += lambda * load(B + i);
+      const Vec dB_new = lambda * input, dC_new = grad_y * load(h + i + N);
+      store(dB + i, kFirstInGroup ? dB_new : load(dB + i) + dB_new);
+      store(dC + i, kFirstInGroup ? dC_new : load(dC + i) + dC_new);
+    }
+    sums_a[t] = grad_log_a_A, sums_b[t] = lambda_B;
+  }
+  add_all_lane_sums(sums_a, steps, buf.grad_log_a_A.data() + start);  // off the recurrence's critical path
+  add_all_lane_sums(sums_b, steps, buf.lambda_B.data() + start);
+  for (int v = 0; v < kVecs; ++v) {
+    store(buf.mu.data() + n0 + v * kLanes, mu[v]);
+    store(buf.dA.data() + n0 + v * kLanes, dA[v]);
+  }
+}
+
+}  // namespace lethe_cpu
