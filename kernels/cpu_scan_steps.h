@@ -72,8 +72,9 @@ struct BackwardBuffers {
 //   lambda_t = dL/dh_t = g_t C_t + mu_{t+1},   mu_t = a_t lambda_t
 // mu enters from the step after the chunk and leaves for the step before it. Per step it adds
 // sum_n mu_t h_{t-1} A_n (the d delta term of the decays) and sum_n lambda_t B_t (the d(delta u)
-// term) over the block; dB/dC rows of this task's partial sums are assigned (first channel of
-// the group) or added.
+// term) over the block, its two sums packed in one vector per step (the loop is bound by its
+// stores, not its arithmetic); dB/dC rows of this task's partial sums are assigned (first
+// channel of the group) or added.
 template <int kVecs, bool kFirstInGroup>
 void adjoint_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t start, int64_t steps,
                    BackwardBuffers& buf, float* __restrict__ dB_part, float* __restrict__ dC_part) {
@@ -84,7 +85,7 @@ void adjoint_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t s
   const float* __restrict__ h = buf.h.data() + n0;
   float* __restrict__ dB = dB_part + start * N + n0;
   float* __restrict__ dC = dC_part + start * N + n0;
-  Vec A[kVecs], mu[kVecs], dA[kVecs], sums_a[kMaxChunk], sums_b[kMaxChunk];
+  Vec A[kVecs], mu[kVecs], dA[kVecs], sums[kMaxChunk];
   for (int v = 0; v < kVecs; ++v) {
     A[v] = load(p.A + d * N + n0 + v * kLanes), mu[v] = load(buf.mu.data() + n0 + v * kLanes);
     dA[v] = load(buf.dA.data() + n0 + v * kLanes);
@@ -107,10 +108,9 @@ void adjoint_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t s
       store(dB + i, kFirstInGroup ? dB_new : load(dB + i) + dB_new);
       store(dC + i, kFirstInGroup ? dC_new : load(dC + i) + dC_new);
     }
-    sums_a[t] = grad_log_a_A, sums_b[t] = lambda_B;
+    sums[t] = pack_pair(grad_log_a_A, lambda_B);
   }
-  add_all_lane_sums(sums_a, steps, buf.grad_log_a_A.data() + start);  // off the recurrence's critical path
-  add_all_lane_sums(sums_b, steps, buf.lambda_B.data() + start);
+  add_all_pair_sums(sums, steps, buf.grad_log_a_A.data() + start, buf.lambda_B.data() + start);
   for (int v = 0; v < kVecs; ++v) {
     store(buf.mu.data() + n0 + v * kLanes, mu[v]);
     store(buf.dA.data() + n0 + v * kLanes, dA[v]);

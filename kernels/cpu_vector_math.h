@@ -65,10 +65,23 @@ LETHE_INLINE void fold_level(Vec* v, int count) {
   for (int i = 0; i < count / 2; ++i) v[i] = fold<S>(v[2 * i], v[2 * i + 1], std::make_index_sequence<kLanes>{});
   if constexpr (S > 2) fold_level<S / 2>(v, count / 2);
 }
-constexpr int bit_reverse(int i) {
+constexpr int bit_reverse(int i, int width = kLanes) {
   int out = 0;
-  for (int bit = 1; bit < kLanes; bit <<= 1) out = (out << 1) | ((i & bit) ? 1 : 0);
+  for (int bit = 1; bit < width; bit <<= 1) out = (out << 1) | ((i & bit) ? 1 : 0);
   return out;
+}
+// Lane i of [x's low half | y's low half] (high: of the high halves).
+constexpr int halves_index(int i, bool high) {
+  constexpr int half = kLanes / 2;
+  return (i < half ? i : kLanes + i - half) + (high ? half : 0);
+}
+template <bool kHigh, std::size_t... I>
+LETHE_INLINE Vec halves(Vec x, Vec y, std::index_sequence<I...>) {
+#if defined(__clang__)
+  return __builtin_shufflevector(x, y, halves_index(I, kHigh)...);
+#else
+  return __builtin_shuffle(x, y, IntVec{halves_index(I, kHigh)...});
+#endif
 }
 }  // namespace detail
 
@@ -86,6 +99,35 @@ LETHE_INLINE void add_all_lane_sums(const Vec* sums, int64_t steps, float* y) {
   int64_t t = 0;
   for (; t + kLanes <= steps; t += kLanes) add_lane_sums(sums + t, y + t);
   for (; t < steps; ++t) y[t] += lane_sum(sums[t]);
+}
+
+// Two per-step partial sums in one vector: pack_pair(a, b) holds a's lanes added in pairs in its
+// low half and b's in its high half (one fold), so a loop that needs both totals of every step
+// stores one vector per step instead of two (stores bound the adjoint loop).
+LETHE_INLINE Vec pack_pair(Vec a, Vec b) { return detail::fold<kLanes>(a, b, std::make_index_sequence<kLanes>{}); }
+
+// ya[t] += total of a, yb[t] += total of b, for kLanes steps of packed pairs.
+LETHE_INLINE void add_pair_sums(const Vec* packed, float* ya, float* yb) {
+  constexpr int kHalf = kLanes / 2;
+  Vec v[kLanes];
+  // Bit-reversed order within each half of the steps leaves v[0] = [a | b of steps 0..kHalf-1]
+  // and v[1] = [a | b of steps kHalf..kLanes-1], each step in its own lane.
+  for (int j = 0; j < kLanes; ++j) v[j] = packed[j / kHalf * kHalf + detail::bit_reverse(j % kHalf, kHalf)];
+  detail::fold_level<kHalf>(v, kLanes);
+  store(ya, load(ya) + detail::halves<false>(v[0], v[1], std::make_index_sequence<kLanes>{}));
+  store(yb, load(yb) + detail::halves<true>(v[0], v[1], std::make_index_sequence<kLanes>{}));
+}
+
+// The same for t < steps.
+LETHE_INLINE void add_all_pair_sums(const Vec* packed, int64_t steps, float* ya, float* yb) {
+  int64_t t = 0;
+  for (; t + kLanes <= steps; t += kLanes) add_pair_sums(packed + t, ya + t, yb + t);
+  for (; t < steps; ++t) {
+    float lanes[kLanes], a = 0.0f, b = 0.0f;
+    std::memcpy(lanes, &packed[t], sizeof(Vec));
+    for (int i = 0; i < kLanes / 2; ++i) a += lanes[i], b += lanes[i + kLanes / 2];
+    ya[t] += a, yb[t] += b;
+  }
 }
 
 // exp(x) to ~1 ulp for x in [-87, 88], for a float or a Vec: exp(x) = 2^k * exp(r) with
