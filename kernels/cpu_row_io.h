@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include "cpu_vector_math.h"
@@ -91,11 +92,20 @@ void store_row(const float* values, int64_t length, T* out) {
 template <typename T>
 LETHE_INLINE void prefetch(const T* begin, int64_t count, bool write) {
   if (!begin) return;
-  const char* end = reinterpret_cast<const char*>(begin + count);
-  for (const char* line = reinterpret_cast<const char*>(begin); line < end; line += 64) {
-    if (write) __builtin_prefetch(line, 1, 2);
-    else __builtin_prefetch(line, 0, 2);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(begin + count);
+  for (uintptr_t line = reinterpret_cast<uintptr_t>(begin) & ~uintptr_t{63}; line < end; line += 64) {
+    if (write) __builtin_prefetch(reinterpret_cast<const void*>(line), 1, 2);
+    else __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 2);
   }
+}
+
+// Steps [start, start + steps) of row `row` of (..., length) tensors: inputs to read, outputs to
+// write (null ones skipped).
+template <typename T>
+LETHE_INLINE void prefetch_row(std::initializer_list<const T*> inputs, std::initializer_list<T*> outputs, int64_t row,
+                               int64_t length, int64_t start, int64_t steps) {
+  for (const T* in : inputs) prefetch(in ? in + row * length + start : nullptr, steps, false);
+  for (T* out : outputs) prefetch(out ? out + row * length + start : nullptr, steps, true);
 }
 
 }  // namespace lethe_cpu

@@ -11,6 +11,8 @@
 
 namespace lethe_cpu {
 
+constexpr int64_t kMaxChunk = 256;  // steps per chunk at most: the per-step sums below live on the stack
+
 // Calls fn(std::integral_constant<int, kVecs>{}, n0) for consecutive blocks of the padded state,
 // [n0, n0 + kVecs * kLanes) with kVecs <= 4: within a block the state, decays and adjoints stay
 // in registers from one time step to the next (loops over a compile-time kVecs unroll).
@@ -32,7 +34,6 @@ void for_state_blocks(int64_t lanes, Fn&& fn) {
 // each step's <C_t, h_t> over the block to y[t]; the backward's recompute (kKeep true) needs no
 // outputs (the forward saved y before the gate) and stores the decays and states in the chunk
 // buffers a[t][n], h[t][n] (t counted from `start`) instead, which the adjoint walks.
-constexpr int64_t kMaxChunk = 256;  // steps per chunk at most (scan_block's stack buffer)
 
 template <int kVecs, bool kKeep>
 void scan_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t start, int64_t steps,

@@ -42,9 +42,10 @@ LETHE_INLINE float lane_sum(Vec v) {  // halving vector adds, then 4 scalars
   return (lanes[0] + lanes[2]) + (lanes[1] + lanes[3]);
 }
 
-// y[i] += lane_sum(sums[i]) for kLanes consecutive steps at once: a tree of half-vector folds
-// (each fold adds the low and high halves of every segment of two vectors) leaves the kLanes
-// totals in one vector. ~3 vector ops per step instead of a scalar reduction each.
+// y[i] += the sum of sums[i]'s lanes, for kLanes consecutive steps at once: a tree of
+// half-vector folds (each fold adds the low and high halves of every segment of two vectors)
+// leaves the kLanes totals in one vector. ~3 vector ops per step instead of a scalar reduction
+// each (the same totals as lane_sum, added in another order).
 namespace detail {
 // Output lane i of a fold of x and y whose segments (one step's partial sums) are S lanes wide:
 // output segments (S / 2 wide) alternate between x's and y's, `high` picks each half.
@@ -101,9 +102,9 @@ LETHE_INLINE void add_all_lane_sums(const Vec* sums, int64_t steps, float* y) {
   for (; t < steps; ++t) y[t] += lane_sum(sums[t]);
 }
 
-// Two per-step partial sums in one vector: pack_pair(a, b) holds a's lanes added in pairs in its
-// low half and b's in its high half (one fold), so a loop that needs both totals of every step
-// stores one vector per step instead of two (stores bound the adjoint loop).
+// Two per-step partial sums in one vector: pack_pair(a, b) holds a[i] + a[i + kLanes / 2] in its
+// low half and the same of b in its high half (one fold), so a loop that needs both totals of
+// every step stores one vector per step instead of two (stores bound the adjoint loop).
 LETHE_INLINE Vec pack_pair(Vec a, Vec b) { return detail::fold<kLanes>(a, b, std::make_index_sequence<kLanes>{}); }
 
 // ya[t] += total of a, yb[t] += total of b, for kLanes steps of packed pairs.
@@ -226,7 +227,8 @@ LETHE_INLINE V softplus(V x) {
   if constexpr (std::is_same_v<V, float>) return std::max(x, 0.0f) + log1p_unit(exp_approx(-std::fabs(x)));
   else return (x > 0.0f ? x : V{}) + log1p_unit(exp_approx(x < 0.0f ? x : -x));
 }
-// sigmoid of a float or a Vec; below -88 it is 0 to float precision (and the exp never overflows).
+// sigmoid of a float or a Vec. exp(-x) is taken at 88 at most, where it still fits a float:
+// below x = -88 the sigmoid is 0 to float precision.
 template <typename V>
 LETHE_INLINE V sigmoid(V x) {
   if constexpr (std::is_same_v<V, float>) return 1.0f / (1.0f + exp_approx(std::min(-x, 88.0f)));

@@ -22,6 +22,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -53,16 +54,18 @@ void forward_rows(const Problem& p, const T* u_in, const T* delta_in, const T* z
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t b = row / p.channels, d = row % p.channels;
     load_row(p, row, u_in, delta_in, u.data(), delta_raw.data(), delta.data(), du.data());
+    // The padding lanes start at 0 in every row: a NaN there (inf * B = 0) would reach the
+    // next rows' outputs through C = 0.
+    std::fill(h.begin(), h.end(), 0.0f);
     if (p.initial) std::copy(p.initial + row * S, p.initial + (row + 1) * S, h.begin());
-    else std::fill(h.begin(), h.end(), 0.0f);
     std::fill(y.begin(), y.end(), 0.0f);
     const bool has_next = row + 1 < row_end;
-    auto next_row = [&](auto* base, int64_t start) { return base && has_next ? base + (row + 1) * L + start : nullptr; };
     for (int64_t k = 0; k < p.n_chunks; ++k) {
       const int64_t start = k * p.chunk, steps = std::min(p.chunk, L - start);
-      for (const T* in : {u_in, delta_in, z_in}) prefetch(next_row(in, start), steps, false);
-      for (T* result : {out, out_pre}) prefetch(next_row(result, start), steps, true);
-      prefetch(has_next ? saved + ((row + 1) * p.n_chunks + k) * S : nullptr, S, true);
+      if (has_next) {
+        prefetch_row<T>({u_in, delta_in, z_in}, {out, out_pre}, row + 1, L, start, steps);
+        prefetch(saved + ((row + 1) * p.n_chunks + k) * S, S, true);
+      }
       std::copy(h.begin(), h.begin() + S, saved + (row * p.n_chunks + k) * S);
       for_state_blocks(N, [&](auto vecs, int64_t n0) {
         scan_block<decltype(vecs)::value, false>(p, b, d, n0, start, steps, delta.data(), du.data(), h.data() + n0,
@@ -86,21 +89,29 @@ void forward_rows(const Problem& p, const T* u_in, const T* delta_in, const T* z
   }
 }
 
-// Gradients of one row (b, d), walking chunks in reverse.
+// One backward call's tensors; backward_row reads and writes its row's slices.
 template <typename T>
-void backward_row(const Problem& p, int64_t row, bool first_in_group, bool has_next, const T* u_in, const T* delta_in,
-                  const T* z_in, const T* out_pre_in, const T* grad_out_in, const float* grad_last, const float* saved,
-                  T* grad_u_out, T* grad_delta_out, T* grad_z_out, float* dA_row, float* dD_row, float* dbias_row,
-                  float* dinit_row, float* dB_part, float* dC_part, BackwardBuffers& buf) {
+struct BackwardIO {
+  const T *u, *delta, *z, *out_pre, *grad_out;  // z and out_pre null without z
+  const float *grad_last, *saved;               // grad_last may be null
+  T *grad_u, *grad_delta, *grad_z;
+  float *dA, *dD, *dbias, *dinit;               // per row: d_state, 1, 1, d_state floats
+};
+
+// Gradients of one row (b, d), walking chunks in reverse; `next` is the row to prefetch for (-1:
+// none). The first row of a channel group assigns the group's dB/dC partial sums, the others add.
+template <typename T>
+void backward_row(const Problem& p, const BackwardIO<T>& io, int64_t row, int64_t next, bool first_in_group,
+                  float* dB_part, float* dC_part, BackwardBuffers& buf) {
   const int64_t L = p.length, N = p.lanes, S = p.d_state;
   const int64_t b = row / p.channels, d = row % p.channels;
   const float skip = p.D ? p.D[d] : 0.0f;
-  load_row(p, row, u_in, delta_in, buf.u.data(), buf.delta_raw.data(), buf.delta.data(), buf.du.data());
-  if (z_in) {  // out = out_pre * silu(z): dL/dz goes straight out, g is the gradient of y before the gate
-    const T* __restrict__ grad_out = grad_out_in + row * L;
-    const T* __restrict__ z = z_in + row * L;
-    const T* __restrict__ y_pre = out_pre_in + row * L;
-    T* __restrict__ grad_z = grad_z_out + row * L;
+  load_row(p, row, io.u, io.delta, buf.u.data(), buf.delta_raw.data(), buf.delta.data(), buf.du.data());
+  if (io.z) {  // out = out_pre * silu(z): dL/dz goes straight out, g is the gradient of y before the gate
+    const T* __restrict__ grad_out = io.grad_out + row * L;
+    const T* __restrict__ z = io.z + row * L;
+    const T* __restrict__ y_pre = io.out_pre + row * L;
+    T* __restrict__ grad_z = io.grad_z + row * L;
     float* __restrict__ g = buf.g.data();
     for_each_step(L, [&](int64_t t, auto tag) {
       const auto gate = load_as(z + t, tag), grad = load_as(grad_out + t, tag), sig = sigmoid(gate);
@@ -108,18 +119,19 @@ void backward_row(const Problem& p, int64_t row, bool first_in_group, bool has_n
       store_as(g + t, grad * gate * sig);
     });
   } else {
-    load_floats(grad_out_in + row * L, L, buf.g.data());
+    load_floats(io.grad_out + row * L, L, buf.g.data());
   }
   for (auto* v : {&buf.dA, &buf.mu, &buf.lambda_B, &buf.grad_log_a_A}) std::fill(v->begin(), v->end(), 0.0f);
   // mu after the last step is the gradient of the final state.
-  if (grad_last) std::copy(grad_last + row * S, grad_last + (row + 1) * S, buf.mu.begin());
-  auto next_row = [&](auto* base, int64_t start) { return base && has_next ? base + (row + 1) * L + start : nullptr; };
+  if (io.grad_last) std::copy(io.grad_last + row * S, io.grad_last + (row + 1) * S, buf.mu.begin());
   for (int64_t k = p.n_chunks - 1; k >= 0; --k) {
     const int64_t start = k * p.chunk, steps = std::min(p.chunk, L - start);
-    for (const T* in : {u_in, delta_in, z_in, out_pre_in, grad_out_in}) prefetch(next_row(in, start), steps, false);
-    for (T* result : {grad_u_out, grad_delta_out, grad_z_out}) prefetch(next_row(result, start), steps, true);
-    prefetch(has_next ? saved + ((row + 1) * p.n_chunks + k) * S : nullptr, S, false);
-    const float* enter = saved + (row * p.n_chunks + k) * S;
+    if (next >= 0) {
+      prefetch_row<T>({io.u, io.delta, io.z, io.out_pre, io.grad_out}, {io.grad_u, io.grad_delta, io.grad_z}, next, L,
+                      start, steps);
+      prefetch(io.saved + (next * p.n_chunks + k) * S, S, false);
+    }
+    const float* enter = io.saved + (row * p.n_chunks + k) * S;
     std::copy(enter, enter + S, buf.h.begin());  // row 0 of the chunk's states; the padding stays 0
     std::copy(buf.h.begin(), buf.h.begin() + N, buf.h_work.begin());
     for_state_blocks(N, [&](auto vecs, int64_t n0) {
@@ -139,7 +151,7 @@ void backward_row(const Problem& p, int64_t row, bool first_in_group, bool has_n
   const float* __restrict__ u = buf.u.data();
   const float* __restrict__ delta = buf.delta.data();
   const float* __restrict__ g = buf.g.data();
-  T* __restrict__ grad_u = grad_u_out + row * L;
+  T* __restrict__ grad_u = io.grad_u + row * L;
   for (int64_t t = 0; t < L; ++t) {
     grad_delta[t] += lambda_B[t] * u[t];
     grad_u[t] = static_cast<T>(lambda_B[t] * delta[t] + g[t] * skip);
@@ -148,12 +160,11 @@ void backward_row(const Problem& p, int64_t row, bool first_in_group, bool has_n
     for_each_step(L, [&](int64_t t, auto tag) {
       store_as(grad_delta + t, load_as(grad_delta + t, tag) * sigmoid(load_as(buf.delta_raw.data() + t, tag)));
     });
-  const float dD = dot(g, u, L), dbias = dot(grad_delta, nullptr, L);
-  store_row(grad_delta, L, grad_delta_out + row * L);
-  *dD_row = dD;
-  *dbias_row = dbias;
-  std::copy(buf.dA.begin(), buf.dA.begin() + S, dA_row);
-  std::copy(buf.mu.begin(), buf.mu.begin() + S, dinit_row);  // mu before the first step: dL/dh_{-1}
+  io.dD[row] = dot(g, u, L);
+  io.dbias[row] = dot(grad_delta, nullptr, L);
+  store_row(grad_delta, L, io.grad_delta + row * L);
+  std::copy(buf.dA.begin(), buf.dA.begin() + S, io.dA + row * S);
+  std::copy(buf.mu.begin(), buf.mu.begin() + S, io.dinit + row * S);  // mu before the first step: dL/dh_{-1}
 }
 
 void check(bool ok, const char* message) { TORCH_CHECK(ok, "lethe selective_scan (cpu kernel): ", message); }
@@ -180,7 +191,7 @@ struct StateOperands {
 
 Problem make_problem(const Tensor& u, const StateOperands& ops, int64_t d_state, const OptTensor& D,
                      const OptTensor& delta_bias, const OptTensor& initial, bool delta_softplus, int64_t chunk) {
-  check(chunk >= 1 && chunk <= kMaxChunk, "chunk must be in [1, 256]");
+  TORCH_CHECK(chunk >= 1 && chunk <= kMaxChunk, "lethe selective_scan (cpu kernel): chunk must be in [1, ", kMaxChunk, "]");
   Problem p;
   p.batch = u.size(0), p.channels = u.size(1), p.length = u.size(2), p.d_state = d_state, p.lanes = ops.A.size(1);
   p.chunk = chunk, p.n_chunks = (p.length + chunk - 1) / chunk;
@@ -270,6 +281,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     const scalar_t* out_pre_ptr = z ? out_pre.data_ptr<scalar_t>() : nullptr;
     scalar_t* grad_z_ptr = z ? grad_z.data_ptr<scalar_t>() : nullptr;
     const float* grad_last_ptr = grad_last ? grad_last->data_ptr<float>() : nullptr;
+    const BackwardIO<scalar_t> io{u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), z_ptr, out_pre_ptr,
+                                  grad_out.data_ptr<scalar_t>(), grad_last_ptr, saved.data_ptr<float>(),
+                                  grad_u.data_ptr<scalar_t>(), grad_delta.data_ptr<scalar_t>(), grad_z_ptr,
+                                  dA_rows.data_ptr<float>(), dD_rows.data_ptr<float>(), dbias_rows.data_ptr<float>(),
+                                  grad_initial.data_ptr<float>()};
     at::parallel_for(0, p.batch * n_groups, 1, [&](int64_t begin, int64_t end) {
       BackwardBuffers buffers(p);
       // Rows run in order through this range of tasks: each prefetches the next one's inputs.
@@ -280,12 +296,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
         const int64_t offset = task * p.length * p.lanes;
         for (int64_t d = first; d < std::min(first + group, p.channels); ++d) {
           const int64_t row = b * p.channels + d;
-          backward_row<scalar_t>(p, row, d == first, row + 1 < rows_end, u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), z_ptr,
-                                 out_pre_ptr, grad_out.data_ptr<scalar_t>(), grad_last_ptr, saved.data_ptr<float>(),
-                                 grad_u.data_ptr<scalar_t>(), grad_delta.data_ptr<scalar_t>(), grad_z_ptr,
-                                 dA_rows.data_ptr<float>() + row * p.d_state, dD_rows.data_ptr<float>() + row,
-                                 dbias_rows.data_ptr<float>() + row, grad_initial.data_ptr<float>() + row * p.d_state,
-                                 dB_part + offset, dC_part + offset, buffers);
+          backward_row(p, io, row, row + 1 < rows_end ? row + 1 : -1, d == first, dB_part + offset, dC_part + offset,
+                       buffers);
         }
       }
     });
@@ -310,8 +322,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     return at::from_blob(part, {p.batch, n_groups, p.length, p.lanes}, f32).select(1, 0).narrow(2, 0, p.d_state).transpose(1, 2).contiguous().to(dtype);
   };
   auto sum_over_batch = [&](const Tensor& rows) {  // (batch, k...) -> (k...), batch 0 first: fixed order
-    const int64_t k = rows.numel() / p.batch;
-    Tensor total = at::empty(rows.sizes().slice(1), f32);
+    const int64_t k = p.batch ? rows.numel() / p.batch : 0;
+    Tensor total = at::zeros(rows.sizes().slice(1), f32);  // an empty batch sums to 0
+    if (p.batch == 0) return total;
     const float* in = rows.data_ptr<float>();
     float* out = total.data_ptr<float>();
     std::copy(in, in + k, out);

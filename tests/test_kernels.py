@@ -221,6 +221,29 @@ def test_cpu_outputs_reuse_freed_memory_and_never_alias_live_ones():
     torch.testing.assert_close(y2, y_ref, rtol=6e-4, atol=2e-3)
 
 
+def test_cpu_kernel_takes_an_empty_batch():
+    """Batch 0: empty outputs and zero parameter gradients, as from the reference (the batch
+    sums of dA, dD and d delta_bias once divided by the batch size)."""
+    expected, got = (run(impl, make_inputs(0, 3, 20, 5, seed=4), True, True, True) for impl in ("reference", "cpu"))
+    for a, b in [(expected[0], got[0]), (expected[1], got[1]), *((expected[2][k], got[2][k]) for k in expected[2])]:
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a)
+
+
+def test_cpu_kernel_keeps_a_non_finite_row_to_itself():
+    """An inf in one (batch, channel) row makes that row non-finite, never the rows after it, also
+    with an initial state and a d_state that leaves padding lanes in the kernel's vectors."""
+    inputs = {k: v for k, v in make_inputs(1, 8, 40, 5, seed=6).items() if k != "z"}
+    inputs["u"][0, 0, 10] = float("inf")  # the first row of every thread's range of rows
+    y, last = selective_scan(**inputs, impl="cpu")
+    y_ref, last_ref = selective_scan(**inputs, impl="reference")
+    assert not torch.isfinite(y[0, 0]).all()
+    clean = list(range(1, 8))
+    assert torch.isfinite(y[0, clean]).all() and torch.isfinite(last[0, clean]).all()
+    torch.testing.assert_close(y[0, clean], y_ref[0, clean], rtol=6e-4, atol=2e-3)
+    torch.testing.assert_close(last[0, clean], last_ref[0, clean], rtol=6e-4, atol=2e-3)
+
+
 def _has_avx512() -> bool:
     return " avx512f " in f" {scan_kernels._cpu_fingerprint()} "
 
