@@ -63,9 +63,10 @@ void load_row(const Problem& p, int64_t row, const T* u_in, const T* delta_in, f
   for (int64_t t = 0; t < p.length; ++t) du[t] = delta[t] * u[t];
 }
 
-template <typename T>
-void load_floats(const T* in, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(in[i]);
+// n values from one float type to another (a row to float32 and back).
+template <typename From, typename To>
+void convert(const From* in, int64_t n, To* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<To>(in[i]);
 }
 
 // sum_t x[t] * y[t] (y null: sum_t x[t]) in kLanes partial sums: vectorized, and the same
@@ -77,11 +78,6 @@ inline float dot(const float* __restrict__ x, const float* __restrict__ y, int64
   float total = lane_sum(partial);
   for (; t < length; ++t) total += y ? x[t] * y[t] : x[t];
   return total;
-}
-
-template <typename T>
-void store_row(const float* values, int64_t length, T* out) {
-  for (int64_t t = 0; t < length; ++t) out[t] = static_cast<T>(values[t]);
 }
 
 // Rows are a page (4 KB) or so of each input, and the hardware prefetcher stops at page

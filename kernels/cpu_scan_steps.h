@@ -34,7 +34,6 @@ void for_state_blocks(int64_t lanes, Fn&& fn) {
 // each step's <C_t, h_t> over the block to y[t]; the backward's recompute (kKeep true) needs no
 // outputs (the forward saved y before the gate) and stores the decays and states in the chunk
 // buffers a[t][n], h[t][n] (t counted from `start`) instead, which the adjoint walks.
-
 template <int kVecs, bool kKeep>
 void scan_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t start, int64_t steps,
                 const float* __restrict__ delta, const float* __restrict__ du, float* __restrict__ state,

@@ -119,7 +119,7 @@ void backward_row(const Problem& p, const BackwardIO<T>& io, int64_t row, int64_
       store_as(g + t, grad * gate * sig);
     });
   } else {
-    load_floats(io.grad_out + row * L, L, buf.g.data());
+    convert(io.grad_out + row * L, L, buf.g.data());
   }
   for (auto* v : {&buf.dA, &buf.mu, &buf.lambda_B, &buf.grad_log_a_A}) std::fill(v->begin(), v->end(), 0.0f);
   // mu after the last step is the gradient of the final state.
@@ -162,7 +162,7 @@ void backward_row(const Problem& p, const BackwardIO<T>& io, int64_t row, int64_
     });
   io.dD[row] = dot(g, u, L);
   io.dbias[row] = dot(grad_delta, nullptr, L);
-  store_row(grad_delta, L, io.grad_delta + row * L);
+  convert(grad_delta, L, io.grad_delta + row * L);
   std::copy(buf.dA.begin(), buf.dA.begin() + S, io.dA + row * S);
   std::copy(buf.mu.begin(), buf.mu.begin() + S, io.dinit + row * S);  // mu before the first step: dL/dh_{-1}
 }
