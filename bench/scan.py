@@ -1,19 +1,26 @@
 """Selective-scan speed and memory: every implementation side by side, in one run.
 
     python bench/scan.py                                  # CPU-sized shapes (on a GPU: GPU shapes)
-    python bench/scan.py --shapes 2,256,1024,16 --repeats 5
+    python bench/scan.py --shapes 2,256,1024,16 --rounds 10
     python bench/scan.py --device cuda --dtype bfloat16   # adds GB/s and SDPA attention rows
 
 For each shape (batch, channels, length, d_state) and implementation: forward and
-forward+backward wall time (best of --repeats), memory saved for backward, peak memory on CUDA,
-and the speedup over the chunked PyTorch scan (and over the sequential reference, where it ran)
-measured in the same run. On CUDA it also prints the fused forward's achieved bandwidth against
+forward+backward wall time, memory saved for backward, peak memory on CUDA, and the speedup over
+the chunked PyTorch scan (and over the sequential reference, where it ran) measured in the same
+run. The implementations take turns, round by round (each round: one untimed call to warm the
+caches the others just used, then --repeats timed calls of each), so on a shared machine all of
+them see the same noisy minutes: timed one after the other, a 15 ms kernel measurement can fall
+in a slow stretch that a 500 ms one averages over. Times are the median of the --rounds x
+--repeats timed calls, with the best in parentheses; speedups are ratios of medians (the typical
+call; a best-of ratio compares two lucky calls, and the chunked scan's time spreads widely with
+its allocations), and the best-to-best ratio is printed too. On CUDA it also prints the fused forward's achieved bandwidth against
 a device copy measured here, and causal attention (F.scaled_dot_product_attention, flash) at the
 same batch, length and d_model = channels / 2 (a Mamba block's d_inner is 2 x d_model): the
 paper's "faster than attention past 2K" comparison.
 """
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -43,15 +50,16 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
+def elapsed(fn, device):
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def best_time(fn, repeats, device):
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(elapsed(fn, device) for _ in range(repeats))
 
 
 def saved_bytes(fn):
@@ -74,21 +82,28 @@ def gradient_like(t):
     return torch.randn(t.shape, generator=torch.Generator().manual_seed(1)).to(device=t.device, dtype=t.dtype)
 
 
-def measure(fn_forward, fn_forward_backward, repeats, device):
-    fn_forward(), fn_forward_backward()  # warm-up (and the kernel build on first use)
-    fwd = best_time(fn_forward, repeats, device)
-    peak = None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fwd_bwd = best_time(fn_forward_backward, repeats, device)
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        fwd_bwd = best_time(fn_forward_backward, repeats, device)
-    return fwd, fwd_bwd, peak
+def measure(cases, rounds, repeats, device):
+    """{name: (forward, forward_backward)} -> {name: (forward times, forward+backward times, CUDA
+    peak bytes or None)}, every timed call's seconds, the cases taking turns round by round (see
+    the module docstring)."""
+    results = {name: ([], [], None) for name in cases}
+    for _ in range(rounds):
+        for name, (forward, forward_backward) in cases.items():
+            forward_times, forward_backward_times, peak = results[name]
+            forward(), forward_backward()  # warm-up: caches (and the kernel build on first use)
+            forward_times += [elapsed(forward, device) for _ in range(repeats)]
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            forward_backward_times += [elapsed(forward_backward, device) for _ in range(repeats)]
+            if device.type == "cuda":
+                peak = max(peak or 0, torch.cuda.max_memory_allocated() - base)
+            results[name] = (forward_times, forward_backward_times, peak)
+    return results
 
 
-def scan_case(impl, inputs, repeats, device):
+def scan_case(impl, inputs):
+    """(forward, forward_backward) of one implementation, and the bytes it saves for backward."""
     def forward():
         with torch.no_grad():
             selective_scan(**inputs, impl=impl)
@@ -100,12 +115,10 @@ def scan_case(impl, inputs, repeats, device):
         y, _ = selective_scan(**inputs, impl=impl)
         torch.autograd.grad(y, leaves, grad_y)
 
-    fwd, fwd_bwd, peak = measure(forward, forward_backward, repeats, device)
-    saved = saved_bytes(lambda: selective_scan(**inputs, impl=impl))
-    return fwd, fwd_bwd, peak, saved
+    return (forward, forward_backward), saved_bytes(lambda: selective_scan(**inputs, impl=impl))
 
 
-def attention_case(batch, length, d_model, repeats, device, dtype):
+def attention_case(batch, length, d_model, device, dtype):
     heads = max(1, d_model // 64)
     q, k, v = (torch.randn(batch, heads, length, d_model // heads, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
 
@@ -118,9 +131,7 @@ def attention_case(batch, length, d_model, repeats, device, dtype):
     def forward_backward():
         torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), grad_out)
 
-    fwd, fwd_bwd, peak = measure(forward, forward_backward, repeats, device)
-    saved = saved_bytes(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    return fwd, fwd_bwd, peak, saved
+    return (forward, forward_backward), saved_bytes(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
 def copy_bandwidth(device):
@@ -143,7 +154,8 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--shapes", nargs="+", help="batch,channels,length,d_state (default: sized for the device)")
     parser.add_argument("--impls", nargs="+", help="default: every implementation that runs on the device")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="turns each implementation takes (interleaved)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per implementation per round")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--max-reference-length", type=int, default=4096,
                         help="skip the sequential reference above this length (it is slow by design)")
@@ -157,35 +169,45 @@ def main():
         if reason is not None:
             raise SystemExit(f"error: impl {impl} is unavailable: {reason}")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    print(f"torch {torch.__version__}, {name}, dtype {args.dtype}, best of {args.repeats}")
+    print(f"torch {torch.__version__}, {name}, dtype {args.dtype}, {args.rounds} interleaved rounds x {args.repeats} calls")
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     if bandwidth:
         print(f"device copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
-    header = ["shape (b, d, l, n)", "impl", "fwd ms", "fwd+bwd ms", "saved MB", "peak MB", "vs chunked", "vs reference", "fwd GB/s"]
+    header = ["shape (b, d, l, n)", "impl", "fwd ms", "fwd+bwd ms", "saved MB", "peak MB", "vs chunked", "vs reference",
+              "fwd+bwd vs chunked, best", "fwd GB/s"]
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     for shape in shapes:
         batch, channels, length, d_state = (int(s) for s in shape.split(","))
         inputs = make_inputs(batch, channels, length, d_state, device, dtype)
-        results = {}
+        cases, saved = {}, {}
         for impl in impls:
             if impl == "reference" and length > args.max_reference_length:
                 continue
-            results[impl] = scan_case(impl, inputs, args.repeats, device)
+            cases[impl], saved[impl] = scan_case(impl, inputs)
         if device.type == "cuda":
             attention_dtype = dtype if dtype != torch.float32 else torch.bfloat16
-            results["sdpa attention"] = attention_case(batch, length, channels // 2, args.repeats, device, attention_dtype)
-        for impl, (fwd, fwd_bwd, peak, saved) in results.items():
+            cases["sdpa attention"], saved["sdpa attention"] = attention_case(batch, length, channels // 2, device, attention_dtype)
+        results = measure(cases, args.rounds, args.repeats, device)
+        medians = {impl: (statistics.median(f), statistics.median(fb)) for impl, (f, fb, _) in results.items()}
+        for impl, (forward_times, forward_backward_times, peak) in results.items():
+            fwd, fwd_bwd = medians[impl]
+
             def ratio(base):
-                return f"{base[0] / fwd:.1f}x / {base[1] / fwd_bwd:.1f}x" if base else "-"
+                return f"{medians[base][0] / fwd:.1f}x / {medians[base][1] / fwd_bwd:.1f}x" if base in medians else "-"
+            best_ratio = "-"
+            if "chunked" in results:
+                best_ratio = f"{min(results['chunked'][1]) / min(forward_backward_times):.1f}x"
             gbps = "-"
             if bandwidth and impl == "cuda":
                 achieved = forward_bytes(batch, channels, length, d_state, dtype) / fwd
                 gbps = f"{achieved / 1e9:.0f} ({achieved / bandwidth:.0%})"
             peak_mb = "-" if peak is None else f"{peak / 2**20:.0f}"
-            print(f"| {(batch, channels, length, d_state)} | {impl} | {fwd * 1e3:.2f} | {fwd_bwd * 1e3:.2f} | "
-                  f"{saved / 2**20:.1f} | {peak_mb} | {ratio(results.get('chunked'))} | {ratio(results.get('reference'))} | {gbps} |")
-    print("speedups: forward / forward+backward, measured in this run")
+            print(f"| {(batch, channels, length, d_state)} | {impl} | {fwd * 1e3:.2f} ({min(forward_times) * 1e3:.2f}) | "
+                  f"{fwd_bwd * 1e3:.2f} ({min(forward_backward_times) * 1e3:.2f}) | {saved[impl] / 2**20:.1f} | {peak_mb} | "
+                  f"{ratio('chunked')} | {ratio('reference')} | {best_ratio} | {gbps} |")
+    print("times: median (best) of every timed call; speedups: forward / forward+backward, of the medians, "
+          "measured in this run")
 
 
 if __name__ == "__main__":
