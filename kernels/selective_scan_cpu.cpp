@@ -20,8 +20,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -30,6 +28,7 @@
 #include <memory>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "cpu_row_io.h"
 #include "cpu_scan_steps.h"
@@ -169,6 +168,14 @@ void backward_row(const Problem& p, const BackwardIO<T>& io, int64_t row, int64_
 
 void check(bool ok, const char* message) { TORCH_CHECK(ok, "lethe selective_scan (cpu kernel): ", message); }
 
+#define LETHE_DISPATCH_FLOATS(dtype, ...)                                           \
+  switch (dtype) {                                                                  \
+    case at::kFloat: { using scalar_t = float; __VA_ARGS__(); break; }               \
+    case at::kBFloat16: { using scalar_t = at::BFloat16; __VA_ARGS__(); break; }     \
+    case at::kHalf: { using scalar_t = at::Half; __VA_ARGS__(); break; }             \
+    default: TORCH_CHECK(false, "lethe selective_scan (cpu kernel): inputs must be float32, bfloat16 or float16"); \
+  }
+
 // A, B and C in the kernel's layout: float32, d_state padded with zeros to a multiple of kLanes,
 // B and C time-major (batch, length, lanes) so one step's state is contiguous.
 struct StateOperands {
@@ -179,12 +186,14 @@ struct StateOperands {
     B = time_major(B_in, lanes);
     C = time_major(C_in, lanes);
   }
-  // (batch, d_state, length) in any float dtype -> (batch, length, lanes) float32: one copy.
+  // (batch, d_state, length) in any float dtype -> (batch, length, lanes) float32.
   static Tensor time_major(const Tensor& x, int64_t lanes) {
-    const int64_t d_state = x.size(1);
-    Tensor out = at::empty({x.size(0), x.size(2), lanes}, x.options().dtype(at::kFloat));
-    out.narrow(2, 0, d_state).copy_(x.transpose(1, 2));
-    if (lanes > d_state) out.narrow(2, d_state, lanes - d_state).zero_();
+    const int64_t batch = x.size(0), d_state = x.size(1), length = x.size(2);
+    Tensor out = at::empty({batch, length, lanes}, x.options().dtype(at::kFloat));
+    LETHE_DISPATCH_FLOATS(x.scalar_type(), [&] {
+      for (int64_t b = 0; b < batch; ++b)
+        to_time_major(x.data_ptr<scalar_t>() + b * d_state * length, d_state, length, lanes, out.data_ptr<float>() + b * length * lanes);
+    });
     return out;
   }
 };
@@ -208,14 +217,6 @@ void check_inputs(const Tensor& u, const Tensor& delta, const Tensor& A, const T
   lethe::check_scan_inputs("cpu", u, delta, A, B, C, D, z, delta_bias, initial);
   check(u.device().is_cpu(), "tensors must be on the CPU");
 }
-
-#define LETHE_DISPATCH_FLOATS(dtype, ...)                                           \
-  switch (dtype) {                                                                  \
-    case at::kFloat: { using scalar_t = float; __VA_ARGS__(); break; }               \
-    case at::kBFloat16: { using scalar_t = at::BFloat16; __VA_ARGS__(); break; }     \
-    case at::kHalf: { using scalar_t = at::Half; __VA_ARGS__(); break; }             \
-    default: TORCH_CHECK(false, "lethe selective_scan (cpu kernel): inputs must be float32, bfloat16 or float16"); \
-  }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
                                             const Tensor& C, const OptTensor& D, const OptTensor& z,
@@ -265,6 +266,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   Tensor dA_rows = at::empty({p.batch, p.channels, p.d_state}, f32);
   Tensor dD_rows = at::empty({p.batch, p.channels}, f32), dbias_rows = at::empty({p.batch, p.channels}, f32);
   Tensor grad_initial = at::empty({p.batch, p.channels, p.d_state}, f32);
+  Tensor grad_B = at::empty(B.sizes(), B.options()), grad_C = at::empty(C.sizes(), C.options());
   // dB and dC partial sums, (batch, n_groups, length, lanes) each, in a buffer kept across calls
   // up to 64 MB (a fresh multi-MB allocation costs a page fault per 4 KB on its first write).
   const int64_t part_size = p.batch * n_groups * p.length * p.lanes;
@@ -301,26 +303,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
         }
       }
     });
-  });
 
-  // Reduce the partial sums in a fixed order: over channel groups for dB/dC (group 0 += group 1,
-  // += group 2, ...: contiguous, vectorized), over the batch for the per-channel parameters.
-  const int64_t slice = p.length * p.lanes, block = 4096, blocks = (slice + block - 1) / block;
-  at::parallel_for(0, p.batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks, first = (task % blocks) * block, last = std::min(first + block, slice);
-      for (float* part : {dB_part, dC_part}) {
-        float* __restrict__ total = part + b * n_groups * slice;
-        for (int64_t g = 1; g < n_groups; ++g) {
-          const float* __restrict__ group = total + g * slice;
-          for (int64_t i = first; i < last; ++i) total[i] += group[i];
+    // Reduce the partial sums in a fixed order over channel groups (group 0 += group 1, += group
+    // 2, ...: contiguous, vectorized), a block of steps per task, and write that block of dB and
+    // dC out as (batch, d_state, length) in B's dtype while it is in L1.
+    const int64_t slice = p.length * p.lanes, steps = 256, blocks = (p.length + steps - 1) / steps;
+    at::parallel_for(0, p.batch * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / blocks, t0 = (task % blocks) * steps, t1 = std::min(t0 + steps, p.length);
+        for (auto [part, out] : {std::pair{dB_part, &grad_B}, std::pair{dC_part, &grad_C}}) {
+          float* __restrict__ total = part + b * n_groups * slice;
+          for (int64_t g = 1; g < n_groups; ++g) {
+            const float* __restrict__ group = total + g * slice;
+            for (int64_t i = t0 * p.lanes; i < t1 * p.lanes; ++i) total[i] += group[i];
+          }
+          to_state_major(total, p.d_state, p.length, p.lanes, t0, t1, out->data_ptr<scalar_t>() + b * p.d_state * p.length);
         }
       }
-    }
+    });
   });
-  auto state_major = [&](float* part, at::ScalarType dtype) {  // group 0: (b, L, lanes) -> (b, d_state, L)
-    return at::from_blob(part, {p.batch, n_groups, p.length, p.lanes}, f32).select(1, 0).narrow(2, 0, p.d_state).transpose(1, 2).contiguous().to(dtype);
-  };
+
+  // The per-channel parameters' gradients sum over the batch.
   auto sum_over_batch = [&](const Tensor& rows) {  // (batch, k...) -> (k...), batch 0 first: fixed order
     const int64_t k = p.batch ? rows.numel() / p.batch : 0;
     Tensor total = at::zeros(rows.sizes().slice(1), f32);  // an empty batch sums to 0
@@ -335,8 +338,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   Tensor grad_D = D ? sum_over_batch(dD_rows) : at::empty({0}, f32);
   Tensor grad_bias = delta_bias ? sum_over_batch(dbias_rows) : at::empty({0}, f32);
   if (!initial_state) grad_initial = at::empty({0}, f32);
-  return {grad_u, grad_delta, sum_over_batch(dA_rows), state_major(dB_part, B.scalar_type()),
-          state_major(dC_part, C.scalar_type()), grad_D, grad_z, grad_bias, grad_initial};
+  return {grad_u, grad_delta, sum_over_batch(dA_rows), grad_B, grad_C, grad_D, grad_z, grad_bias, grad_initial};
 }
 
 }  // namespace
