@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -42,49 +43,84 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using namespace lethe_cpu;
 
-// Forward of a range of rows: only the state is kept, d_state floats per row, and with z the
-// output before the gate (out_pre, which dz needs; recomputing it would cost the backward a
+// Units [0, n_units) of work, handed out one at a time to at::parallel_for's threads instead of a
+// fixed share each: on a busy or shared machine a thread that loses its core for a while holds up
+// one unit, not half the rows. fn(state, unit, next) runs each unit with its thread's state (from
+// make_state()); `next` is the unit that thread runs after it (-1: none), claimed before the
+// current one starts, so a unit's last row can prefetch the next unit's first. Which thread runs a
+// unit never changes a result.
+template <typename MakeState, typename Fn>
+void for_each_unit(int64_t n_units, MakeState&& make_state, Fn&& fn) {
+  std::atomic<int64_t> counter{0};
+  const auto claim = [&] {
+    const int64_t unit = counter.fetch_add(1, std::memory_order_relaxed);
+    return unit < n_units ? unit : int64_t{-1};
+  };
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_units), 1, [&](int64_t, int64_t) {
+    auto state = make_state();
+    for (int64_t unit = claim(), next; unit >= 0; unit = next) {
+      next = claim();
+      fn(state, unit, next);
+    }
+  });
+}
+
+// Per-thread buffers of the forward pass, sized for one row.
+struct ForwardBuffers {
+  Floats u, delta_raw, delta, du, y, h;
+  explicit ForwardBuffers(const Problem& p)
+      : u(p.length), delta_raw(p.length), delta(p.length), du(p.length), y(p.length), h(p.lanes) {}
+};
+
+// One forward call's tensors; forward_row reads and writes its row's slices.
+template <typename T>
+struct ForwardIO {
+  const T *u, *delta, *z;  // z null without a gate
+  T *out, *out_pre;        // out_pre (y before the gate, which dz needs) null without z
+  float *last, *saved;     // per row: d_state floats, and d_state per chunk
+};
+
+// Forward of one row; `next` is the row to prefetch for (-1: none). Only the state entering each
+// chunk is kept, and with z the output before the gate (recomputing it would cost the backward a
 // second C contraction).
 template <typename T>
-void forward_rows(const Problem& p, const T* u_in, const T* delta_in, const T* z_in, T* out, T* out_pre,
-                  float* last, float* saved, int64_t row_begin, int64_t row_end) {
+void forward_row(const Problem& p, const ForwardIO<T>& io, int64_t row, int64_t next, ForwardBuffers& buf) {
   const int64_t L = p.length, N = p.lanes, S = p.d_state;
-  Floats u(L), delta_raw(L), delta(L), du(L), y(L), h(N);
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    const int64_t b = row / p.channels, d = row % p.channels;
-    load_row(p, row, u_in, delta_in, u.data(), delta_raw.data(), delta.data(), du.data());
-    // The padding lanes start at 0 in every row: a NaN there (inf * B = 0) would reach the
-    // next rows' outputs through C = 0.
-    std::fill(h.begin(), h.end(), 0.0f);
-    if (p.initial) std::copy(p.initial + row * S, p.initial + (row + 1) * S, h.begin());
-    std::fill(y.begin(), y.end(), 0.0f);
-    const bool has_next = row + 1 < row_end;
-    for (int64_t k = 0; k < p.n_chunks; ++k) {
-      const int64_t start = k * p.chunk, steps = std::min(p.chunk, L - start);
-      if (has_next) {
-        prefetch_row<T>({u_in, delta_in, z_in}, {out, out_pre}, row + 1, L, start, steps);
-        prefetch(saved + ((row + 1) * p.n_chunks + k) * S, S, true);
-      }
-      std::copy(h.begin(), h.begin() + S, saved + (row * p.n_chunks + k) * S);
-      for_state_blocks(N, [&](auto vecs, int64_t n0) {
-        scan_block<decltype(vecs)::value, false>(p, b, d, n0, start, steps, delta.data(), du.data(), h.data() + n0,
-                                                 y.data(), nullptr, nullptr);
-      });
+  const int64_t b = row / p.channels, d = row % p.channels;
+  float* const y = buf.y.data();
+  float* const h = buf.h.data();
+  load_row(p, row, io.u, io.delta, buf.u.data(), buf.delta_raw.data(), buf.delta.data(), buf.du.data());
+  // The padding lanes start at 0 in every row: a NaN there (inf * B = 0) would reach the next
+  // rows' outputs through C = 0.
+  std::fill(h, h + N, 0.0f);
+  if (p.initial) std::copy(p.initial + row * S, p.initial + (row + 1) * S, h);
+  std::fill(y, y + L, 0.0f);
+  for (int64_t k = 0; k < p.n_chunks; ++k) {
+    const int64_t start = k * p.chunk, steps = std::min(p.chunk, L - start);
+    if (next >= 0) {
+      prefetch_row<T>({io.u, io.delta, io.z}, {io.out, io.out_pre}, next, L, start, steps);
+      prefetch(io.saved + (next * p.n_chunks + k) * S, S, true);
     }
-    std::copy(h.begin(), h.begin() + S, last + row * S);
-    const float skip = p.D ? p.D[d] : 0.0f;
-    T* __restrict__ out_row = out + row * L;
-    if (z_in) {
-      const T* __restrict__ z = z_in + row * L;
-      T* __restrict__ pre = out_pre + row * L;
-      for_each_step(L, [&](int64_t t, auto tag) {
-        const auto y_t = load_as(y.data() + t, tag) + skip * load_as(u.data() + t, tag), gate = load_as(z + t, tag);
-        store_as(pre + t, y_t);
-        store_as(out_row + t, y_t * gate * sigmoid(gate));
-      });
-    } else {
-      for (int64_t t = 0; t < L; ++t) out_row[t] = static_cast<T>(y[t] + skip * u[t]);
-    }
+    std::copy(h, h + S, io.saved + (row * p.n_chunks + k) * S);
+    for_state_blocks(N, [&](auto vecs, int64_t n0) {
+      scan_block<decltype(vecs)::value, false>(p, b, d, n0, start, steps, buf.delta.data(), buf.du.data(), h + n0, y,
+                                               nullptr, nullptr);
+    });
+  }
+  std::copy(h, h + S, io.last + row * S);
+  const float skip = p.D ? p.D[d] : 0.0f;
+  const float* __restrict__ u = buf.u.data();
+  T* __restrict__ out = io.out + row * L;
+  if (io.z) {
+    const T* __restrict__ z = io.z + row * L;
+    T* __restrict__ pre = io.out_pre + row * L;
+    for_each_step(L, [&](int64_t t, auto tag) {
+      const auto y_t = load_as(y + t, tag) + skip * load_as(u + t, tag), gate = load_as(z + t, tag);
+      store_as(pre + t, y_t);
+      store_as(out + t, y_t * gate * sigmoid(gate));
+    });
+  } else {
+    for (int64_t t = 0; t < L; ++t) out[t] = static_cast<T>(y[t] + skip * u[t]);
   }
 }
 
@@ -231,12 +267,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> scan_fwd(const Tensor& u, const Tenso
   Tensor saved = at::empty({p.batch, p.channels, p.n_chunks, p.d_state}, u.options().dtype(at::kFloat));
   Tensor out_pre = z ? pool.empty_like(u) : at::empty({0}, u.options());
   LETHE_DISPATCH_FLOATS(u.scalar_type(), [&] {
-    const scalar_t* z_ptr = z ? z->data_ptr<scalar_t>() : nullptr;
-    scalar_t* out_pre_ptr = z ? out_pre.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, p.batch * p.channels, 1, [&](int64_t begin, int64_t end) {
-      forward_rows<scalar_t>(p, u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), z_ptr, out.data_ptr<scalar_t>(), out_pre_ptr,
-                             last.data_ptr<float>(), saved.data_ptr<float>(), begin, end);
-    });
+    const ForwardIO<scalar_t> io{u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), z ? z->data_ptr<scalar_t>() : nullptr,
+                                 out.data_ptr<scalar_t>(), z ? out_pre.data_ptr<scalar_t>() : nullptr,
+                                 last.data_ptr<float>(), saved.data_ptr<float>()};
+    constexpr int64_t kRowsPerUnit = 4;
+    const int64_t rows = p.batch * p.channels;
+    for_each_unit((rows + kRowsPerUnit - 1) / kRowsPerUnit, [&] { return ForwardBuffers(p); },
+                  [&](ForwardBuffers& buffers, int64_t unit, int64_t next_unit) {
+                    const int64_t end = std::min(rows, (unit + 1) * kRowsPerUnit);
+                    for (int64_t row = unit * kRowsPerUnit; row < end; ++row)
+                      forward_row(p, io, row, row + 1 < end ? row + 1 : next_unit >= 0 ? next_unit * kRowsPerUnit : -1, buffers);
+                  });
   });
   return {out, last, saved, out_pre};
 }
@@ -288,21 +329,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
                                   grad_u.data_ptr<scalar_t>(), grad_delta.data_ptr<scalar_t>(), grad_z_ptr,
                                   dA_rows.data_ptr<float>(), dD_rows.data_ptr<float>(), dbias_rows.data_ptr<float>(),
                                   grad_initial.data_ptr<float>()};
-    at::parallel_for(0, p.batch * n_groups, 1, [&](int64_t begin, int64_t end) {
-      BackwardBuffers buffers(p);
-      // Rows run in order through this range of tasks: each prefetches the next one's inputs.
-      const int64_t last_task = end - 1, last_first = (last_task % n_groups) * group;
-      const int64_t rows_end = last_task / n_groups * p.channels + std::min(last_first + group, p.channels);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / n_groups, first = (task % n_groups) * group;
-        const int64_t offset = task * p.length * p.lanes;
-        for (int64_t d = first; d < std::min(first + group, p.channels); ++d) {
-          const int64_t row = b * p.channels + d;
-          backward_row(p, io, row, row + 1 < rows_end ? row + 1 : -1, d == first, dB_part + offset, dC_part + offset,
-                       buffers);
-        }
-      }
-    });
+    // One unit per (batch, channel group): its rows run in order, the first assigning the group's
+    // dB/dC partial sums and the others adding to them.
+    for_each_unit(p.batch * n_groups, [&] { return BackwardBuffers(p); },
+                  [&](BackwardBuffers& buffers, int64_t task, int64_t next_task) {
+                    const int64_t b = task / n_groups, first = (task % n_groups) * group;
+                    const int64_t end = std::min(first + group, p.channels), offset = task * p.length * p.lanes;
+                    const int64_t next_first_row = next_task / n_groups * p.channels + (next_task % n_groups) * group;
+                    for (int64_t d = first; d < end; ++d) {
+                      const int64_t row = b * p.channels + d;
+                      backward_row(p, io, row, d + 1 < end ? row + 1 : next_task >= 0 ? next_first_row : -1, d == first,
+                                   dB_part + offset, dC_part + offset, buffers);
+                    }
+                  });
 
     // Reduce the partial sums in a fixed order over channel groups (group 0 += group 1, += group
     // 2, ...: contiguous, vectorized), a block of steps per task, and write that block of dB and
