@@ -41,17 +41,17 @@ void scan_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t star
   const int64_t N = p.lanes;
   const float* __restrict__ B = p.B + (b * p.length + start) * N + n0;
   const float* __restrict__ C = p.C + (b * p.length + start) * N + n0;
-  Vec A[kVecs], h[kVecs];
+  Vec rate[kVecs], h[kVecs];
   Vec sums[kKeep ? 1 : kMaxChunk];  // per step, summed across lanes after the recurrence loop
-  for (int v = 0; v < kVecs; ++v) A[v] = load(p.A + d * N + n0 + v * kLanes), h[v] = load(state + v * kLanes);
+  for (int v = 0; v < kVecs; ++v) rate[v] = decay_rate(load(p.A + d * N + n0 + v * kLanes)), h[v] = load(state + v * kLanes);
   for (int64_t t = 0; t < steps; ++t) {
     const float step = delta[start + t], input = du[start + t];
     Vec sum = {};
     for (int v = 0; v < kVecs; ++v) {
       const int64_t i = t * N + v * kLanes;
-      const Vec decay = exp_approx(step * A[v]);
-      h[v] = decay * h[v] + input * load(B + i);
-      if constexpr (kKeep) store(a_keep + i + n0, decay), store(h_keep + i + n0, h[v]);
+      const Vec a = decay(step, rate[v]);
+      h[v] = a * h[v] + input * load(B + i);
+      if constexpr (kKeep) store(a_keep + i + n0, a), store(h_keep + i + n0, h[v]);
       else sum += load(C + i) * h[v];
     }
     if constexpr (!kKeep) sums[t] = sum;

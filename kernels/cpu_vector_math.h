@@ -173,25 +173,41 @@ alignas(64) inline constexpr float kExp2Fractions[32] = {
     1.41421354f, 1.44518077f, 1.47682619f, 1.50916445f, 1.54221082f, 1.5759809f,  1.61049032f, 1.64575553f,
     1.68179286f, 1.71861935f, 1.75625217f, 1.79470909f, 1.8340081f,  1.87416768f, 1.91520655f, 1.95714414f};
 
-// exp(x) = 2^(k / 32) * exp(r), k = round(32 x / ln 2), |r| <= ln2 / 64: 2^(k mod 32 / 32) from a
-// 32-entry table held in two registers (one permute; the permute reads k's low 5 bits, which is
-// k mod 32 for negative k too), exp(r) by its series to r^3 (error < 6e-10), and 2^floor(k / 32)
-// applied by scalef, which also takes care of underflow. ~1.5 ulp, and about 40% fewer vector
-// operations than exp_series: the decays' exp is most of the kernel's arithmetic.
-LETHE_INLINE Vec exp_table(Vec x_in) {
-  // Below -104 every float result is 0; clamping keeps the range reduction exact for any finite
-  // or infinite input (max returns its second operand for NaN, so a NaN stays NaN).
-  const __m512 x = _mm512_max_ps(_mm512_set1_ps(-104.0f), reinterpret_cast<__m512>(x_in));
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(32.0f * 1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f / 32.0f), x);  // ln2 / 32 in two parts
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860682030941723212e-6f / 32.0f), r);
-  __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(1.0f / 6.0f), _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  const __m512 fraction = _mm512_permutex2var_ps(_mm512_load_ps(kExp2Fractions), _mm512_cvtps_epi32(k),
+// 2^(y + y_low) = 2^m * 2^(i / 32) * 2^f, with y rounded to a multiple of 1/32, m + i / 32 (i =
+// 0..31), and |f| <= 1/64 (plus y_low, a correction below y's last bit, or none): 2^(i / 32)
+// from a 32-entry table held in two registers (one permute), 2^f = exp(f ln2) by its series to
+// the cube (error < 6e-10), and 2^m applied by scalef, which also takes care of underflow.
+// Adding 1.5 * 2^18 does the rounding: the sum's ulp is 1/32, and its low 5 mantissa bits are i,
+// the permute's index, so the range reduction has no multiply and no conversion. ~1.5 ulp.
+// The decays exp(delta A) are 2^(delta (A / ln2)) with A / ln2 taken once per row
+// (decay_rate): 4 fewer multiplies than exp(x) by round(32 x / ln2) in the kernel's most
+// frequent operation.
+template <bool kLow = false>
+LETHE_INLINE Vec exp2_table(Vec y_in, Vec y_low = Vec{}) {
+  // 2^-150 rounds to 0 and 2^128 overflows to inf; clamping keeps the rounding exact (|y| <
+  // 2^17) and infinities right (min and max return their second operand for NaN: NaN stays NaN).
+  constexpr float kRound = 393216.0f;  // 1.5 * 2^18
+  const __m512 y = _mm512_min_ps(_mm512_set1_ps(128.0f), _mm512_max_ps(_mm512_set1_ps(-150.0f), reinterpret_cast<__m512>(y_in)));
+  const __m512 shifted = _mm512_add_ps(y, _mm512_set1_ps(kRound));
+  const __m512 k = _mm512_sub_ps(shifted, _mm512_set1_ps(kRound));  // y rounded to a multiple of 1/32
+  __m512 f = _mm512_sub_ps(y, k);                                     // exact
+  if constexpr (kLow) f = _mm512_add_ps(f, reinterpret_cast<__m512>(y_low));
+  __m512 p = _mm512_fmadd_ps(f, _mm512_set1_ps(0.0555041086648215800f), _mm512_set1_ps(0.240226506959100712f));  // ln2^3 / 6, ln2^2 / 2
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693147180559945309f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const __m512 fraction = _mm512_permutex2var_ps(_mm512_load_ps(kExp2Fractions), _mm512_castps_si512(shifted),
                                                  _mm512_load_ps(kExp2Fractions + 16));
-  return reinterpret_cast<Vec>(_mm512_scalef_ps(_mm512_mul_ps(fraction, p), _mm512_mul_ps(k, _mm512_set1_ps(1.0f / 32.0f))));
+  return reinterpret_cast<Vec>(_mm512_scalef_ps(_mm512_mul_ps(fraction, p), k));  // scalef: times 2^floor(k)
+}
+
+// exp(x) = 2^(x / ln2), x / ln2 in two parts (the product's rounding error by an FMA, and the
+// rest of 1 / ln2) so the result stays within ~1.5 ulp for large |x| too.
+LETHE_INLINE Vec exp_table(Vec x_in) {
+  const __m512 x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), reinterpret_cast<__m512>(x_in)));
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 y = _mm512_mul_ps(x, log2e);
+  const __m512 low = _mm512_fmadd_ps(x, _mm512_set1_ps(1.9259629911e-8f), _mm512_fmsub_ps(x, log2e, y));  // 1 / ln2 - log2e
+  return exp2_table<true>(reinterpret_cast<Vec>(y), reinterpret_cast<Vec>(low));
 }
 #endif
 
@@ -202,6 +218,23 @@ LETHE_INLINE V exp_approx(V x) {
   else return exp_series(x);
 #else
   return exp_series(x);
+#endif
+}
+
+// The decays exp(delta A): decay(delta, decay_rate(A)), the rate taken once per row (A / ln2 for
+// exp2_table on AVX-512, A itself for exp_series).
+LETHE_INLINE Vec decay_rate(Vec A) {
+#if defined(__AVX512F__)
+  return A * 1.44269504088896341f;
+#else
+  return A;
+#endif
+}
+LETHE_INLINE Vec decay(float delta, Vec rate) {
+#if defined(__AVX512F__)
+  return exp2_table(delta * rate);  // no low part: delta * A's own rounding is the same size
+#else
+  return exp_series(delta * rate);
 #endif
 }
 
