@@ -244,7 +244,7 @@ def test_cpu_kernel_keeps_a_non_finite_row_to_itself():
     """An inf in one (batch, channel) row makes that row non-finite, never the rows after it, also
     with an initial state and a d_state that leaves padding lanes in the kernel's vectors."""
     inputs = {k: v for k, v in make_inputs(1, 8, 40, 5, seed=6).items() if k != "z"}
-    inputs["u"][0, 0, 10] = float("inf")  # the first row of every thread's range of rows
+    inputs["u"][0, 0, 10] = float("inf")  # the first row of the first unit of rows a thread runs
     y, last = selective_scan(**inputs, impl="cpu")
     y_ref, last_ref = selective_scan(**inputs, impl="reference")
     assert not torch.isfinite(y[0, 0]).all()
