@@ -13,14 +13,17 @@ them see the same noisy minutes: timed one after the other, a 15 ms kernel measu
 in a slow stretch that a 500 ms one averages over. Times are the median of the --rounds x
 --repeats timed calls, with the best in parentheses; speedups are ratios of medians (the typical
 call; a best-of ratio compares two lucky calls, and the chunked scan's time spreads widely with
-its allocations), and the best-to-best ratio is printed too. On CUDA it also prints the fused forward's achieved bandwidth against
+its allocations), and the best-to-best ratio is printed too. Freed memory stays in the process
+(keep_freed_memory), so no implementation is timed for page faults. On CUDA it also prints the fused forward's achieved bandwidth against
 a device copy measured here, and causal attention (F.scaled_dot_product_attention, flash) at the
 same batch, length and d_model = channels / 2 (a Mamba block's d_inner is 2 x d_model): the
 paper's "faster than attention past 2K" comparison.
 """
 
 import argparse
+import ctypes
 import statistics
+import sys
 import time
 
 import torch
@@ -43,6 +46,23 @@ def make_inputs(batch, channels, length, d_state, device, dtype):
                 A=(-torch.exp(torch.randn(channels, d_state, generator=g) * 0.5)).to(device).requires_grad_(),
                 B=rand(batch, d_state, length), C=rand(batch, d_state, length), D=rand(channels, dtype=torch.float32),
                 z=rand(batch, channels, length), delta_bias=rand(channels, dtype=torch.float32, scale=0.1))
+
+
+def keep_freed_memory():
+    """glibc hands big freed blocks back to the OS, and the next call page-faults them in again:
+    the chunked scan's ~30 MB of temporaries made its time swing between 50 and 95 ms with
+    whatever else had run in the process. Freed memory stays in the process instead (as with the
+    CUDA caching allocator, and the kernel's own output pool), so each implementation is timed
+    for its work, not for page faults."""
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest: blocks up to 32 MB come from the heap
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # and the heap is not trimmed below 1 GB of free space
 
 
 def synchronize(device):
@@ -160,6 +180,7 @@ def main():
     parser.add_argument("--max-reference-length", type=int, default=4096,
                         help="skip the sequential reference above this length (it is slow by design)")
     args = parser.parse_args()
+    keep_freed_memory()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     shapes = args.shapes or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     other_device = "cpu" if device.type == "cuda" else "cuda"
