@@ -7,17 +7,19 @@
 For each shape (batch, channels, length, d_state) and implementation: forward and
 forward+backward wall time, memory saved for backward, peak memory on CUDA, and the speedup over
 the chunked PyTorch scan (and over the sequential reference, where it ran) measured in the same
-run. The implementations take turns, round by round (each round: one untimed call to warm the
-caches the others just used, then --repeats timed calls of each), so on a shared machine all of
-them see the same noisy minutes: timed one after the other, a 15 ms kernel measurement can fall
-in a slow stretch that a 500 ms one averages over. Times are the median of the --rounds x
---repeats timed calls, with the best in parentheses; speedups are ratios of medians (the typical
-call; a best-of ratio compares two lucky calls, and the chunked scan's time spreads widely with
-its allocations), and the best-to-best ratio is printed too. Freed memory stays in the process
-(keep_freed_memory), so no implementation is timed for page faults. On CUDA it also prints the fused forward's achieved bandwidth against
-a device copy measured here, and causal attention (F.scaled_dot_product_attention, flash) at the
-same batch, length and d_model = channels / 2 (a Mamba block's d_inner is 2 x d_model): the
-paper's "faster than attention past 2K" comparison.
+run. On CUDA it also prints the fused forward's achieved bandwidth against a device copy
+measured here, and causal attention (F.scaled_dot_product_attention, flash) at the same batch,
+length and d_model = channels / 2 (a Mamba block's d_inner is 2 x d_model): the paper's "faster
+than attention past 2K" comparison.
+
+How it times: the implementations take turns, round by round (each round: one untimed call to
+warm the caches the others just used, then --repeats timed calls of each), so on a shared
+machine all of them see the same noisy minutes; timed one after the other, a 15 ms kernel
+measurement can fall in a slow stretch that a 500 ms one averages over. Times are the median of
+the --rounds x --repeats timed calls, the best in parentheses; speedups are ratios of medians
+(the typical call; a best-of ratio compares two lucky calls), and the best-to-best ratio is
+printed too. Freed memory stays in the process (keep_freed_memory), so no implementation is
+timed for page faults.
 """
 
 import argparse
