@@ -45,22 +45,32 @@ LETHE_INLINE void store_as(T* p, V v) {
   }
 }
 
-// One (batch, channel) row converted to float32: delta after bias and softplus, delta*u, u.
+// One (batch, channel) row converted to float32 in one pass: u, delta after bias and softplus,
+// delta * u, and (slope not null, for the backward) d delta / d delta_raw, the sigmoid, from the
+// softplus's own exp; without softplus the slope is left as it is (the backward's buffer holds 1).
 template <typename T>
 void load_row(const Problem& p, int64_t row, const T* u_in, const T* delta_in, float* __restrict__ u,
-              float* __restrict__ delta_raw, float* __restrict__ delta, float* __restrict__ du) {
-  const int64_t offset = row * p.length;
+              float* __restrict__ delta, float* __restrict__ du, float* __restrict__ slope) {
+  const T* __restrict__ u_row = u_in + row * p.length;
+  const T* __restrict__ delta_row = delta_in + row * p.length;
   const float bias = p.delta_bias ? p.delta_bias[row % p.channels] : 0.0f;
-  for (int64_t t = 0; t < p.length; ++t) {
-    u[t] = static_cast<float>(u_in[offset + t]);
-    delta_raw[t] = static_cast<float>(delta_in[offset + t]) + bias;
-  }
-  if (p.softplus) {
-    for_each_step(p.length, [&](int64_t t, auto tag) { store_as(delta + t, softplus(load_as(delta_raw + t, tag))); });
-  } else {
-    std::copy(delta_raw, delta_raw + p.length, delta);
-  }
-  for (int64_t t = 0; t < p.length; ++t) du[t] = delta[t] * u[t];
+  const auto pass = [&](auto softplus_on, auto want_slope) {
+    for_each_step(p.length, [&](int64_t t, auto tag) {
+      const auto u_t = load_as(u_row + t, tag), raw = load_as(delta_row + t, tag) + bias;
+      auto delta_t = raw;
+      if constexpr (decltype(softplus_on)::value) {
+        const auto [value, slope_t] = softplus_and_slope(raw);
+        delta_t = value;
+        if constexpr (decltype(want_slope)::value) store_as(slope + t, slope_t);
+      }
+      store_as(u + t, u_t);
+      store_as(delta + t, delta_t);
+      store_as(du + t, delta_t * u_t);
+    });
+  };
+  if (!p.softplus) pass(std::false_type{}, std::false_type{});
+  else if (slope) pass(std::true_type{}, std::true_type{});
+  else pass(std::true_type{}, std::false_type{});
 }
 
 // n values from one float type to another (a row to float32 and back).

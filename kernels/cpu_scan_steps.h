@@ -62,9 +62,9 @@ void scan_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t star
 
 // Per-thread buffers of the backward pass, sized for one row.
 struct BackwardBuffers {
-  Floats u, delta_raw, delta, du, g, lambda_B, grad_log_a_A, a, h, h_work, mu, dA;
+  Floats u, delta, slope, du, g, lambda_B, grad_log_a_A, a, h, h_work, mu, dA;  // slope: d delta / d delta_raw
   explicit BackwardBuffers(const Problem& p)
-      : u(p.length), delta_raw(p.length), delta(p.length), du(p.length), g(p.length), lambda_B(p.length),
+      : u(p.length), delta(p.length), slope(p.length, 1.0f), du(p.length), g(p.length), lambda_B(p.length),
         grad_log_a_A(p.length), a(p.chunk * p.lanes), h((p.chunk + 1) * p.lanes), h_work(p.lanes), mu(p.lanes), dA(p.lanes) {}
 };
 

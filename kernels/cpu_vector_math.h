@@ -253,12 +253,19 @@ LETHE_INLINE V log1p_unit(V e) {
   return 2.0f * s * p;
 }
 
-// softplus(x) = max(x, 0) + log(1 + exp(-|x|)): exact in form for every x, no overflow. On a
-// Vec it uses the Vec exp (the table on AVX-512).
+// softplus(x) = max(x, 0) + log(1 + e) with e = exp(-|x|): exact in form for every x, no
+// overflow; and from the same exp its slope, sigmoid(x) = 1 / (1 + e) for x >= 0, e / (1 + e)
+// below (the backward's d softplus; unused, the compiler drops it). On a Vec it uses the Vec exp
+// (the table on AVX-512).
 template <typename V>
-LETHE_INLINE V softplus(V x) {
-  if constexpr (std::is_same_v<V, float>) return std::max(x, 0.0f) + log1p_unit(exp_approx(-std::fabs(x)));
-  else return (x > 0.0f ? x : V{}) + log1p_unit(exp_approx(x < 0.0f ? x : -x));
+LETHE_INLINE std::pair<V, V> softplus_and_slope(V x) {
+  if constexpr (std::is_same_v<V, float>) {
+    const float e = exp_approx(-std::fabs(x)), q = 1.0f / (1.0f + e);
+    return {std::max(x, 0.0f) + log1p_unit(e), x >= 0.0f ? q : e * q};
+  } else {
+    const V e = exp_approx(x < 0.0f ? x : -x), q = 1.0f / (1.0f + e);
+    return {(x > 0.0f ? x : V{}) + log1p_unit(e), x >= 0.0f ? q : e * q};
+  }
 }
 // sigmoid of a float or a Vec. exp(-x) is taken at 88 at most, where it still fits a float:
 // below x = -88 the sigmoid is 0 to float precision.

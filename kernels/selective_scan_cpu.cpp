@@ -67,9 +67,8 @@ void for_each_unit(int64_t n_units, MakeState&& make_state, Fn&& fn) {
 
 // Per-thread buffers of the forward pass, sized for one row.
 struct ForwardBuffers {
-  Floats u, delta_raw, delta, du, y, h;
-  explicit ForwardBuffers(const Problem& p)
-      : u(p.length), delta_raw(p.length), delta(p.length), du(p.length), y(p.length), h(p.lanes) {}
+  Floats u, delta, du, y, h;
+  explicit ForwardBuffers(const Problem& p) : u(p.length), delta(p.length), du(p.length), y(p.length), h(p.lanes) {}
 };
 
 // One forward call's tensors; forward_row reads and writes its row's slices.
@@ -89,7 +88,7 @@ void forward_row(const Problem& p, const ForwardIO<T>& io, int64_t row, int64_t 
   const int64_t b = row / p.channels, d = row % p.channels;
   float* const y = buf.y.data();
   float* const h = buf.h.data();
-  load_row(p, row, io.u, io.delta, buf.u.data(), buf.delta_raw.data(), buf.delta.data(), buf.du.data());
+  load_row(p, row, io.u, io.delta, buf.u.data(), buf.delta.data(), buf.du.data(), nullptr);
   // The padding lanes start at 0 in every row: a NaN there (inf * B = 0) would reach the next
   // rows' outputs through C = 0.
   std::fill(h, h + N, 0.0f);
@@ -141,7 +140,7 @@ void backward_row(const Problem& p, const BackwardIO<T>& io, int64_t row, int64_
   const int64_t L = p.length, N = p.lanes, S = p.d_state;
   const int64_t b = row / p.channels, d = row % p.channels;
   const float skip = p.D ? p.D[d] : 0.0f;
-  load_row(p, row, io.u, io.delta, buf.u.data(), buf.delta_raw.data(), buf.delta.data(), buf.du.data());
+  load_row(p, row, io.u, io.delta, buf.u.data(), buf.delta.data(), buf.du.data(), buf.slope.data());
   if (io.z) {  // out = out_pre * silu(z): dL/dz goes straight out, g is the gradient of y before the gate
     const T* __restrict__ grad_out = io.grad_out + row * L;
     const T* __restrict__ z = io.z + row * L;
@@ -179,22 +178,20 @@ void backward_row(const Problem& p, const BackwardIO<T>& io, int64_t row, int64_
       else adjoint_block<kVecs, false>(p, b, d, n0, start, steps, buf, dB_part, dC_part);
     });
   }
-  // Per step: d delta (after softplus) = sum_n mu h A + (sum_n lambda B) u; d u = (sum_n lambda B)
-  // delta + g D. Loops over time, so they vectorize.
+  // Per step: d delta (after softplus) = sum_n mu h A + (sum_n lambda B) u, times the softplus's
+  // slope for d delta_raw; d u = (sum_n lambda B) delta + g D.
   float* __restrict__ grad_delta = buf.grad_log_a_A.data();  // in place
   const float* __restrict__ lambda_B = buf.lambda_B.data();
   const float* __restrict__ u = buf.u.data();
   const float* __restrict__ delta = buf.delta.data();
+  const float* __restrict__ slope = buf.slope.data();
   const float* __restrict__ g = buf.g.data();
   T* __restrict__ grad_u = io.grad_u + row * L;
-  for (int64_t t = 0; t < L; ++t) {
-    grad_delta[t] += lambda_B[t] * u[t];
-    grad_u[t] = static_cast<T>(lambda_B[t] * delta[t] + g[t] * skip);
-  }
-  if (p.softplus)  // softplus' = sigmoid
-    for_each_step(L, [&](int64_t t, auto tag) {
-      store_as(grad_delta + t, load_as(grad_delta + t, tag) * sigmoid(load_as(buf.delta_raw.data() + t, tag)));
-    });
+  for_each_step(L, [&](int64_t t, auto tag) {
+    const auto lambda_B_t = load_as(lambda_B + t, tag);
+    store_as(grad_delta + t, (load_as(grad_delta + t, tag) + lambda_B_t * load_as(u + t, tag)) * load_as(slope + t, tag));
+    store_as(grad_u + t, lambda_B_t * load_as(delta + t, tag) + load_as(g + t, tag) * skip);
+  });
   io.dD[row] = dot(g, u, L);
   io.dbias[row] = dot(grad_delta, nullptr, L);
   convert(grad_delta, L, io.grad_delta + row * L);

@@ -1,4 +1,4 @@
-"""The CPU kernel's vector exp, softplus and sigmoid (kernels/cpu_vector_math.h) against double
+"""The CPU kernel's vector exp, softplus (and its slope) and sigmoid (kernels/cpu_vector_math.h) against double
 precision, compiled on their own: the decays exp(delta A) are most of the kernel's arithmetic, and
 the scan tests' tolerances would hide a few-ulp regression there."""
 
@@ -23,7 +23,7 @@ static double ulps(float got, double want) {  // error in units of float's last 
 static Vec splat(float x) { return Vec{} + x; }
 
 int main() {
-  double exp_ulps = 0, decay_error = 0, sigmoid_error = 0, softplus_error = 0;
+  double exp_ulps = 0, decay_error = 0, sigmoid_error = 0, softplus_error = 0, slope_error = 0;
   for (double x = -87.0; x < 88.0; x += 0.000731) {  // every lane: the vector path
     const float f = static_cast<float>(x);
     exp_ulps = std::max(exp_ulps, ulps(exp_approx(splat(f))[kLanes - 1], std::exp(static_cast<double>(f))));
@@ -37,11 +37,13 @@ int main() {
     const float f = static_cast<float>(x);
     const double s = 1.0 / (1.0 + std::exp(-static_cast<double>(f))), sp = std::log1p(std::exp(static_cast<double>(f)));
     sigmoid_error = std::max(sigmoid_error, std::fabs(sigmoid(splat(f))[1] - s) / s);
-    softplus_error = std::max(softplus_error, std::fabs(softplus(splat(f))[2] - sp) / sp);
+    const auto [softplus, slope] = softplus_and_slope(splat(f));
+    softplus_error = std::max(softplus_error, std::fabs(softplus[2] - sp) / sp);
+    slope_error = std::max(slope_error, std::fabs(slope[3] - s) / s);
   }
   const Vec special = exp_approx(splat(-INFINITY));
   const Vec nan = exp_approx(splat(NAN)), huge = exp_approx(splat(-1e30f));
-  std::printf("%g %g %g %g %g %d %g\n", exp_ulps, decay_error, sigmoid_error, softplus_error, special[0],
+  std::printf("%g %g %g %g %g %g %d %g\n", exp_ulps, decay_error, sigmoid_error, softplus_error, slope_error, special[0],
               std::isnan(nan[0]) ? 1 : 0, huge[0]);
 }
 """
@@ -57,10 +59,10 @@ def test_vector_exp_softplus_sigmoid_match_double_precision(tmp_path, flags):
     build = subprocess.run([cxx, "-std=c++17", "-O2", *flags, "-Wno-ignored-attributes", f"-I{ROOT / 'kernels'}",
                             str(source), "-o", str(binary)], capture_output=True, text=True, timeout=120)
     assert build.returncode == 0, build.stderr[-3000:]
-    exp_ulps, decay_error, sigmoid_error, softplus_error, exp_of_minus_inf, nan_stays_nan, exp_of_minus_huge = (
+    exp_ulps, decay_error, sigmoid_error, softplus_error, slope_error, exp_of_minus_inf, nan_stays_nan, exp_of_minus_huge = (
         float(v) for v in subprocess.run([str(binary)], capture_output=True, text=True, timeout=60, check=True).stdout.split())
     assert exp_ulps < 2.5  # ~1.5-1.8 ulp measured for both the table and the series exp
     assert decay_error < 1.5e-6  # |delta A| <= 10: rounding delta (A / ln2) costs up to ~1.2e-6 (8.6e-7 measured)
-    assert sigmoid_error < 1e-6 and softplus_error < 1e-6
+    assert sigmoid_error < 1e-6 and softplus_error < 1e-6 and slope_error < 1e-6  # slope: softplus' = sigmoid
     # 0 from the table exp, ~1e-38 from the series exp: 0 to every float sum a decay enters
     assert 0.0 <= exp_of_minus_inf < 1e-37 and 0.0 <= exp_of_minus_huge < 1e-37 and nan_stays_nan == 1.0
