@@ -50,7 +50,7 @@ LETHE_INLINE void store_as(T* p, V v) {
 // softplus's own exp; without softplus the slope is left as it is (the backward's buffer holds 1).
 template <typename T>
 void load_row(const Problem& p, int64_t row, const T* u_in, const T* delta_in, float* __restrict__ u,
-              float* __restrict__ delta, float* __restrict__ du, float* __restrict__ slope) {
+               float* __restrict__ delta, float* __restrict__ du, float* __restrict__ slope) {
   const T* __restrict__ u_row = u_in + row * p.length;
   const T* __restrict__ delta_row = delta_in + row * p.length;
   const float bias = p.delta_bias ? p.delta_bias[row % p.channels] : 0.0f;

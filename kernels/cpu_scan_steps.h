@@ -34,7 +34,8 @@ void for_state_blocks(int64_t lanes, Fn&& fn) {
 // each step's <C_t, h_t> over the block to y[t]; the backward's recompute (kKeep true) needs no
 // outputs (the forward saved y before the gate) and stores the decays and states in the chunk
 // buffers a[t][n], h[t][n] (t counted from `start`) instead, which the adjoint walks.
-template <int kVecs, bool kKeep>
+// kAtMostOne: decays_at_most_one holds for this row.
+template <int kVecs, bool kKeep, bool kAtMostOne>
 void scan_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t start, int64_t steps,
                 const float* __restrict__ delta, const float* __restrict__ du, float* __restrict__ state,
                 float* __restrict__ y, float* __restrict__ a_keep, float* __restrict__ h_keep) {
@@ -49,7 +50,7 @@ void scan_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t star
     Vec sum = {};
     for (int v = 0; v < kVecs; ++v) {
       const int64_t i = t * N + v * kLanes;
-      const Vec a = decay(step, rate[v]);
+      const Vec a = decay<kAtMostOne>(step, rate[v]);
       h[v] = a * h[v] + input * load(B + i);
       if constexpr (kKeep) store(a_keep + i + n0, a), store(h_keep + i + n0, h[v]);
       else sum += load(C + i) * h[v];
@@ -58,6 +59,16 @@ void scan_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t star
   }
   if constexpr (!kKeep) add_all_lane_sums(sums, steps, y + start);
   for (int v = 0; v < kVecs; ++v) store(state + v * kLanes, h[v]);
+}
+
+// Whether every delta_t A_n of row d is <= 0 (or NaN), so the decays' exp needs no overflow
+// clamp: softplus makes delta >= 0, and in a Mamba layer A = -exp(A_log) < 0. Other rows take the
+// clamped exp.
+inline bool decays_at_most_one(const Problem& p, int64_t d) {
+  if (!p.softplus) return false;
+  for (int64_t n = 0; n < p.lanes; ++n)
+    if (!(p.A[d * p.lanes + n] <= 0.0f)) return false;
+  return true;
 }
 
 // Per-thread buffers of the backward pass, sized for one row.

@@ -89,6 +89,7 @@ void forward_row(const Problem& p, const ForwardIO<T>& io, int64_t row, int64_t 
   float* const y = buf.y.data();
   float* const h = buf.h.data();
   load_row(p, row, io.u, io.delta, buf.u.data(), buf.delta.data(), buf.du.data(), nullptr);
+  const bool at_most_one = decays_at_most_one(p, d);
   // The padding lanes start at 0 in every row: a NaN there (inf * B = 0) would reach the next
   // rows' outputs through C = 0.
   std::fill(h, h + N, 0.0f);
@@ -102,8 +103,9 @@ void forward_row(const Problem& p, const ForwardIO<T>& io, int64_t row, int64_t 
     }
     std::copy(h, h + S, io.saved + (row * p.n_chunks + k) * S);
     for_state_blocks(N, [&](auto vecs, int64_t n0) {
-      scan_block<decltype(vecs)::value, false>(p, b, d, n0, start, steps, buf.delta.data(), buf.du.data(), h + n0, y,
-                                               nullptr, nullptr);
+      constexpr int kVecs = decltype(vecs)::value;
+      auto* const scan = at_most_one ? scan_block<kVecs, false, true> : scan_block<kVecs, false, false>;
+      scan(p, b, d, n0, start, steps, buf.delta.data(), buf.du.data(), h + n0, y, nullptr, nullptr);
     });
   }
   std::copy(h, h + S, io.last + row * S);
@@ -141,6 +143,7 @@ void backward_row(const Problem& p, const BackwardIO<T>& io, int64_t row, int64_
   const int64_t b = row / p.channels, d = row % p.channels;
   const float skip = p.D ? p.D[d] : 0.0f;
   load_row(p, row, io.u, io.delta, buf.u.data(), buf.delta.data(), buf.du.data(), buf.slope.data());
+  const bool at_most_one = decays_at_most_one(p, d);
   if (io.z) {  // out = out_pre * silu(z): dL/dz goes straight out, g is the gradient of y before the gate
     const T* __restrict__ grad_out = io.grad_out + row * L;
     const T* __restrict__ z = io.z + row * L;
@@ -169,8 +172,10 @@ void backward_row(const Problem& p, const BackwardIO<T>& io, int64_t row, int64_
     std::copy(enter, enter + S, buf.h.begin());  // row 0 of the chunk's states; the padding stays 0
     std::copy(buf.h.begin(), buf.h.begin() + N, buf.h_work.begin());
     for_state_blocks(N, [&](auto vecs, int64_t n0) {
-      scan_block<decltype(vecs)::value, true>(p, b, d, n0, start, steps, buf.delta.data(), buf.du.data(),
-                                              buf.h_work.data() + n0, nullptr, buf.a.data(), buf.h.data() + N);
+      constexpr int kVecs = decltype(vecs)::value;
+      auto* const scan = at_most_one ? scan_block<kVecs, true, true> : scan_block<kVecs, true, false>;
+      scan(p, b, d, n0, start, steps, buf.delta.data(), buf.du.data(), buf.h_work.data() + n0, nullptr, buf.a.data(),
+           buf.h.data() + N);
     });
     for_state_blocks(N, [&](auto vecs, int64_t n0) {
       constexpr int kVecs = decltype(vecs)::value;

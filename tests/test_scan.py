@@ -127,6 +127,22 @@ def test_gradients_without_softplus_match_reference(impl):
 
 
 @pytest.mark.parametrize("impl", ["chunked", "cpu"])
+def test_growing_states_match_reference(impl):
+    """A > 0 in some channels (decays above 1, which the CPU kernel's exp must not clamp away),
+    beside the usual A < 0."""
+    inputs = make_inputs(2, 4, 50, 16, seed=13)
+    inputs["A"][1] = inputs["A"][1].abs() * 0.05
+    inputs["A"][3, ::2] *= -0.02
+    y_ref, last_ref, grads_ref = run("reference", inputs, True, True, True)
+    y, last, grads = run(impl, inputs, True, True, True)
+    assert last_ref[:, 1].abs().max() > last_ref[:, 0].abs().max()  # channel 1 really grows
+    torch.testing.assert_close(y, y_ref, rtol=6e-4, atol=2e-3)
+    torch.testing.assert_close(last, last_ref, rtol=6e-4, atol=2e-3)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=6e-4, atol=2e-3, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("impl", ["chunked", "cpu"])
 def test_state_carries_across_segments(impl):
     """Scanning [first; second] equals scanning first, then second from first's final state."""
     inputs = make_inputs(2, 4, 300, 8, seed=9)
