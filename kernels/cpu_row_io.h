@@ -79,26 +79,41 @@ void convert(const From* in, int64_t n, To* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<To>(in[i]);
 }
 
-// B and C (batch, d_state, length), any float type, to the kernel's float32 (batch, length,
-// lanes) with zeros in the padding lanes, one batch at a time; and dB, dC back. Blocks of 64 steps
-// keep both sides in L1 (at::copy_ of a transposed view took ~17 us per 2 x 16 x 1024 tensor).
-template <typename T>
-void to_time_major(const T* __restrict__ in, int64_t d_state, int64_t length, int64_t lanes, float* __restrict__ out) {
-  for (int64_t t0 = 0; t0 < length; t0 += 64) {
-    const int64_t t1 = std::min<int64_t>(t0 + 64, length);
-    for (int64_t n = 0; n < d_state; ++n)
-      for (int64_t t = t0; t < t1; ++t) out[t * lanes + n] = static_cast<float>(in[n * length + t]);
-    for (int64_t n = d_state; n < lanes; ++n)
-      for (int64_t t = t0; t < t1; ++t) out[t * lanes + n] = 0.0f;
+// out[j * out_stride + i] = in[i * in_stride + j] for i < rows, j < cols, converting the type:
+// whole kLanes x kLanes blocks through registers (at::copy_ of a transposed view took ~17 us for
+// a 2 x 16 x 1024 tensor, and element loops with a strided side were slower still), the edges one
+// element at a time.
+template <typename From, typename To>
+void transpose_copy(const From* __restrict__ in, int64_t in_stride, int64_t rows, int64_t cols, To* __restrict__ out,
+                    int64_t out_stride) {
+  int64_t i0 = 0;
+  for (; i0 + kLanes <= rows; i0 += kLanes) {
+    int64_t j0 = 0;
+    for (; j0 + kLanes <= cols; j0 += kLanes) {
+      Vec block[kLanes];
+      for (int i = 0; i < kLanes; ++i) block[i] = load_as(in + (i0 + i) * in_stride + j0, Vec{});
+      transpose(block);
+      for (int j = 0; j < kLanes; ++j) store_as(out + (j0 + j) * out_stride + i0, block[j]);
+    }
+    for (int64_t i = i0; i < i0 + kLanes; ++i)
+      for (int64_t j = j0; j < cols; ++j) out[j * out_stride + i] = static_cast<To>(static_cast<float>(in[i * in_stride + j]));
   }
+  for (int64_t i = i0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) out[j * out_stride + i] = static_cast<To>(static_cast<float>(in[i * in_stride + j]));
 }
 
-// Steps [t0, t1) of one batch's (length, lanes) float32 rows to (d_state, length) in T.
+// B or C of one batch, (d_state, length) in any float type, to the kernel's float32 (length,
+// lanes) with zeros in the padding lanes.
 template <typename T>
-void to_state_major(const float* __restrict__ in, int64_t d_state, int64_t length, int64_t lanes, int64_t t0, int64_t t1,
-                    T* __restrict__ out) {
-  for (int64_t n = 0; n < d_state; ++n)
-    for (int64_t t = t0; t < t1; ++t) out[n * length + t] = static_cast<T>(in[t * lanes + n]);
+void to_time_major(const T* in, int64_t d_state, int64_t length, int64_t lanes, float* out) {
+  transpose_copy(in, length, d_state, length, out, lanes);
+  for (int64_t t = 0; t < length; ++t) std::fill(out + t * lanes + d_state, out + (t + 1) * lanes, 0.0f);
+}
+
+// Steps [t0, t1) of one batch's float32 (length, lanes) dB or dC to (d_state, length) in T.
+template <typename T>
+void to_state_major(const float* in, int64_t d_state, int64_t length, int64_t lanes, int64_t t0, int64_t t1, T* out) {
+  transpose_copy(in + t0 * lanes, lanes, t1 - t0, d_state, out + t0, length);
 }
 
 // sum_t x[t] * y[t] (y null: sum_t x[t]) in kLanes partial sums: vectorized, and the same

@@ -84,7 +84,36 @@ LETHE_INLINE Vec halves(Vec x, Vec y, std::index_sequence<I...>) {
   return __builtin_shuffle(x, y, IntVec{halves_index(I, kHigh)...});
 #endif
 }
+// Lane j of row i (kHigh: row i + S) after the round of a transpose that swaps the off-diagonal
+// S x S blocks of rows i and i + S.
+template <int S, bool kHigh>
+constexpr int swap_index(int j) {
+  if constexpr (kHigh) return (j & S) ? kLanes + j : j + S;
+  else return (j & S) ? kLanes + j - S : j;
+}
+template <int S, bool kHigh, std::size_t... I>
+LETHE_INLINE Vec swap_blocks(Vec x, Vec y, std::index_sequence<I...>) {
+#if defined(__clang__)
+  return __builtin_shufflevector(x, y, swap_index<S, kHigh>(I)...);
+#else
+  return __builtin_shuffle(x, y, IntVec{swap_index<S, kHigh>(I)...});
+#endif
+}
+template <int S>
+LETHE_INLINE void transpose_round(Vec* rows) {
+  for (int i = 0; i < kLanes; ++i)
+    if (!(i & S)) {
+      const Vec low = swap_blocks<S, false>(rows[i], rows[i + S], std::make_index_sequence<kLanes>{});
+      rows[i + S] = swap_blocks<S, true>(rows[i], rows[i + S], std::make_index_sequence<kLanes>{});
+      rows[i] = low;
+    }
+  if constexpr (2 * S < kLanes) transpose_round<2 * S>(rows);
+}
 }  // namespace detail
+
+// A kLanes x kLanes block in registers transposed: rows[i][j] becomes rows[j][i] (log2(kLanes)
+// rounds of pairwise shuffles).
+LETHE_INLINE void transpose(Vec* rows) { detail::transpose_round<1>(rows); }
 
 LETHE_INLINE void add_lane_sums(const Vec* sums, float* y) {
   Vec v[kLanes];
