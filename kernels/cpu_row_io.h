@@ -116,17 +116,6 @@ void to_state_major(const float* in, int64_t d_state, int64_t length, int64_t la
   transpose_copy(in + t0 * lanes, lanes, t1 - t0, d_state, out + t0, length);
 }
 
-// sum_t x[t] * y[t] (y null: sum_t x[t]) in kLanes partial sums: vectorized, and the same
-// order every time.
-inline float dot(const float* __restrict__ x, const float* __restrict__ y, int64_t length) {
-  Vec partial = {};
-  int64_t t = 0;
-  for (; t + kLanes <= length; t += kLanes) partial += y ? load(x + t) * load(y + t) : load(x + t);
-  float total = lane_sum(partial);
-  for (; t < length; ++t) total += y ? x[t] * y[t] : x[t];
-  return total;
-}
-
 // Rows are a page (4 KB) or so of each input, and the hardware prefetcher stops at page
 // boundaries: each row would start with a run of cache misses. While one row computes, each
 // chunk asks for the same steps of the next row's inputs, output lines (to write) and saved

@@ -271,17 +271,16 @@ LETHE_INLINE Vec decay(float delta, Vec rate) {
 #endif
 }
 
-// log(1 + e) for e in [0, 1], a float or a Vec: 2 atanh(s) with s = e / (2 + e) <= 1/3, series to s^15.
+// log(1 + e) for e in [0, 1], a float or a Vec: 2 atanh(s) with s = e / (2 + e) <= 1/3, and
+// atanh(s) / s = 1 + s^2 / 3 + s^4 / 5 + ... by its minimax quartic in s^2 on [0, 1/9] (relative
+// error 8e-9; the series needs 8 terms for that).
 template <typename V>
 LETHE_INLINE V log1p_unit(V e) {
   const V s = e / (2.0f + e), s2 = s * s;
-  V p = V{} + 1.0f / 15.0f;
-  p = p * s2 + 1.0f / 13.0f;
-  p = p * s2 + 1.0f / 11.0f;
-  p = p * s2 + 1.0f / 9.0f;
-  p = p * s2 + 1.0f / 7.0f;
-  p = p * s2 + 1.0f / 5.0f;
-  p = p * s2 + 1.0f / 3.0f;
+  V p = V{} + 0.14089167f;
+  p = p * s2 + 0.139803f;
+  p = p * s2 + 0.20012455f;
+  p = p * s2 + 0.33333158f;
   p = p * s2 + 1.0f;
   return 2.0f * s * p;
 }

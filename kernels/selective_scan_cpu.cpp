@@ -184,22 +184,28 @@ void backward_row(const Problem& p, const BackwardIO<T>& io, int64_t row, int64_
     });
   }
   // Per step: d delta (after softplus) = sum_n mu h A + (sum_n lambda B) u, times the softplus's
-  // slope for d delta_raw; d u = (sum_n lambda B) delta + g D.
-  float* __restrict__ grad_delta = buf.grad_log_a_A.data();  // in place
+  // slope for d delta_raw; d u = (sum_n lambda B) delta + g D. In the same pass, dD = sum_t g u and
+  // d delta_bias = sum_t d delta_raw, in kLanes partial sums and then the tail (a fixed order).
+  const float* __restrict__ grad_log_a_A = buf.grad_log_a_A.data();
   const float* __restrict__ lambda_B = buf.lambda_B.data();
   const float* __restrict__ u = buf.u.data();
   const float* __restrict__ delta = buf.delta.data();
   const float* __restrict__ slope = buf.slope.data();
   const float* __restrict__ g = buf.g.data();
   T* __restrict__ grad_u = io.grad_u + row * L;
+  T* __restrict__ grad_delta = io.grad_delta + row * L;
+  Vec dD_parts = {}, dbias_parts = {};
+  float dD_tail = 0.0f, dbias_tail = 0.0f;
   for_each_step(L, [&](int64_t t, auto tag) {
-    const auto lambda_B_t = load_as(lambda_B + t, tag);
-    store_as(grad_delta + t, (load_as(grad_delta + t, tag) + lambda_B_t * load_as(u + t, tag)) * load_as(slope + t, tag));
-    store_as(grad_u + t, lambda_B_t * load_as(delta + t, tag) + load_as(g + t, tag) * skip);
+    const auto lambda_B_t = load_as(lambda_B + t, tag), u_t = load_as(u + t, tag), g_t = load_as(g + t, tag);
+    const auto grad_delta_t = (load_as(grad_log_a_A + t, tag) + lambda_B_t * u_t) * load_as(slope + t, tag);
+    store_as(grad_delta + t, grad_delta_t);
+    store_as(grad_u + t, lambda_B_t * load_as(delta + t, tag) + g_t * skip);
+    if constexpr (std::is_same_v<decltype(tag), float>) dD_tail += g_t * u_t, dbias_tail += grad_delta_t;
+    else dD_parts += g_t * u_t, dbias_parts += grad_delta_t;
   });
-  io.dD[row] = dot(g, u, L);
-  io.dbias[row] = dot(grad_delta, nullptr, L);
-  convert(grad_delta, L, io.grad_delta + row * L);
+  io.dD[row] = lane_sum(dD_parts) + dD_tail;
+  io.dbias[row] = lane_sum(dbias_parts) + dbias_tail;
   std::copy(buf.dA.begin(), buf.dA.begin() + S, io.dA + row * S);
   std::copy(buf.mu.begin(), buf.mu.begin() + S, io.dinit + row * S);  // mu before the first step: dL/dh_{-1}
 }
