@@ -290,10 +290,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> scan_fwd(const Tensor& u, const Tenso
   return {out, last, saved, out_pre};
 }
 
-// Channels per backward task. dB/dC partial sums take (batch, channels / group, length, lanes)
-// floats: with group >= lanes that is at most batch x channels x length. Fixed by the shape
-// alone, so the summation order (and the bits) never depend on the thread count.
-int64_t channel_group(int64_t lanes) { return std::max<int64_t>(16, lanes); }
+// Channels per backward task: the largest of 64, 32, 16 that leaves at least 8 tasks, and at least
+// lanes. dB/dC partial sums take (batch, channels / group, length, lanes) floats, at most batch x
+// channels x length; the larger the group, the fewer to add up (64 took 10% off the backward at
+// batch 2 x 256 channels, against 16). Fixed by the shape alone, so the summation order (and the
+// bits) never depend on the thread count.
+int64_t channel_group(int64_t batch, int64_t channels, int64_t lanes) {
+  int64_t group = 64;
+  while (group > 16 && batch * ((channels + group - 1) / group) < 8) group /= 2;
+  return std::max(group, lanes);
+}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> scan_bwd(
     const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C, const OptTensor& D,
@@ -307,7 +313,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   check(grad_out.scalar_type() == u.scalar_type() && grad_out.sizes() == u.sizes() && grad_out.is_contiguous(), "grad_out must have u's shape and dtype");
   check(!grad_last || (grad_last->scalar_type() == at::kFloat && grad_last->is_contiguous() && grad_last->numel() == p.batch * p.channels * p.d_state), "grad of the last state must be float32 (batch, channels, d_state)");
 
-  const int64_t group = channel_group(p.lanes), n_groups = (p.channels + group - 1) / group;
+  const int64_t group = channel_group(p.batch, p.channels, p.lanes), n_groups = (p.channels + group - 1) / group;
   const auto f32 = u.options().dtype(at::kFloat);
   OutputPool& pool = OutputPool::instance();
   Tensor grad_u = pool.empty_like(u), grad_delta = pool.empty_like(u);
