@@ -210,13 +210,14 @@ alignas(64) inline constexpr float kExp2Fractions[32] = {
 // has no multiply and no conversion. 1.7 ulp at worst. The decays exp(delta A) are
 // 2^(delta (A / ln2)) with A / ln2 taken once per row (decay_rate): the kernel's most frequent
 // operation, in about half the vector operations of exp(x) by round(32 x / ln2) and a cubic.
-template <bool kLow = false, bool kClampHigh = true>
+template <bool kLow, bool kClampLow, bool kClampHigh>
 LETHE_INLINE Vec exp2_table(Vec y_in, Vec y_low = Vec{}) {
   // 2^-150 rounds to 0 and 2^128 overflows to inf; clamping keeps the rounding exact (|y| <
   // 2^17) and infinities right (min and max return their second operand for NaN: NaN stays NaN).
-  // Without kClampHigh the caller guarantees y <= 0 (or NaN).
+  // A caller that leaves out a clamp guarantees that bound for y (or NaN).
   constexpr float kRound = 393216.0f;  // 1.5 * 2^18
-  __m512 y = _mm512_max_ps(_mm512_set1_ps(-150.0f), reinterpret_cast<__m512>(y_in));
+  __m512 y = reinterpret_cast<__m512>(y_in);
+  if constexpr (kClampLow) y = _mm512_max_ps(_mm512_set1_ps(-150.0f), y);
   if constexpr (kClampHigh) y = _mm512_min_ps(_mm512_set1_ps(128.0f), y);
   const __m512 shifted = _mm512_add_ps(y, _mm512_set1_ps(kRound));
   const __m512 k = _mm512_sub_ps(shifted, _mm512_set1_ps(kRound));  // y rounded to a multiple of 1/32
@@ -238,7 +239,7 @@ LETHE_INLINE Vec exp_table(Vec x_in) {
   const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
   const __m512 y = _mm512_mul_ps(x, log2e);
   const __m512 low = _mm512_fmadd_ps(x, _mm512_set1_ps(1.9259629911e-8f), _mm512_fmsub_ps(x, log2e, y));  // 1 / ln2 - log2e
-  return exp2_table<true>(reinterpret_cast<Vec>(y), reinterpret_cast<Vec>(low));
+  return exp2_table<true, false, false>(reinterpret_cast<Vec>(y), reinterpret_cast<Vec>(low));  // |y| <= 151: no clamps
 }
 #endif
 
@@ -265,7 +266,7 @@ LETHE_INLINE Vec decay_rate(Vec A) {
 template <bool kAtMostOne>
 LETHE_INLINE Vec decay(float delta, Vec rate) {
 #if defined(__AVX512F__)
-  return exp2_table<false, !kAtMostOne>(delta * rate);  // no low part: delta * A's own rounding is the same size
+  return exp2_table<false, true, !kAtMostOne>(delta * rate);  // no low part: delta * A's own rounding is the same size
 #else
   return exp_series(delta * rate);
 #endif
