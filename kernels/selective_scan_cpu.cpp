@@ -121,7 +121,7 @@ void forward_row(const Problem& p, const ForwardIO<T>& io, int64_t row, int64_t 
       store_as(out + t, y_t * gate * sigmoid(gate));
     });
   } else {
-    for (int64_t t = 0; t < L; ++t) out[t] = static_cast<T>(y[t] + skip * u[t]);
+    for_each_step(L, [&](int64_t t, auto tag) { store_as(out + t, load_as(y + t, tag) + skip * load_as(u + t, tag)); });
   }
 }
 
