@@ -1,9 +1,13 @@
 // The CPU kernel's inner loops over one chunk of one (batch, channel) row: the recurrence (the
-// forward, and the backward's recompute) and the adjoint. Every loop over d_state runs in whole
+// forward, and the backward's recompute) and the adjoint; and around them, the per-thread
+// buffers and how rows are handed out to threads. Every loop over d_state runs in whole
 // Vecs that stay in registers from one time step to the next.
 #pragma once
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -70,6 +74,34 @@ inline bool decays_at_most_one(const Problem& p, int64_t d) {
     if (!(p.A[d * p.lanes + n] <= 0.0f)) return false;
   return true;
 }
+
+// Units [0, n_units) of work, handed out one at a time to at::parallel_for's threads instead of a
+// fixed share each: on a busy or shared machine a thread that loses its core for a while holds up
+// one unit, not half the rows. fn(state, unit, next) runs each unit with its thread's state (from
+// make_state()); `next` is the unit that thread runs after it (-1: none), claimed before the
+// current one starts, so a unit's last row can prefetch the next unit's first. Which thread runs a
+// unit never changes a result.
+template <typename MakeState, typename Fn>
+void for_each_unit(int64_t n_units, MakeState&& make_state, Fn&& fn) {
+  std::atomic<int64_t> counter{0};
+  const auto claim = [&] {
+    const int64_t unit = counter.fetch_add(1, std::memory_order_relaxed);
+    return unit < n_units ? unit : int64_t{-1};
+  };
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_units), 1, [&](int64_t, int64_t) {
+    auto state = make_state();
+    for (int64_t unit = claim(), next; unit >= 0; unit = next) {
+      next = claim();
+      fn(state, unit, next);
+    }
+  });
+}
+
+// Per-thread buffers of the forward pass, sized for one row.
+struct ForwardBuffers {
+  Floats u, delta, du, y, h;
+  explicit ForwardBuffers(const Problem& p) : u(p.length), delta(p.length), du(p.length), y(p.length), h(p.lanes) {}
+};
 
 // Per-thread buffers of the backward pass, sized for one row.
 struct BackwardBuffers {

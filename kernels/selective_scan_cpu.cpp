@@ -24,7 +24,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -42,34 +41,6 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using namespace lethe_cpu;
-
-// Units [0, n_units) of work, handed out one at a time to at::parallel_for's threads instead of a
-// fixed share each: on a busy or shared machine a thread that loses its core for a while holds up
-// one unit, not half the rows. fn(state, unit, next) runs each unit with its thread's state (from
-// make_state()); `next` is the unit that thread runs after it (-1: none), claimed before the
-// current one starts, so a unit's last row can prefetch the next unit's first. Which thread runs a
-// unit never changes a result.
-template <typename MakeState, typename Fn>
-void for_each_unit(int64_t n_units, MakeState&& make_state, Fn&& fn) {
-  std::atomic<int64_t> counter{0};
-  const auto claim = [&] {
-    const int64_t unit = counter.fetch_add(1, std::memory_order_relaxed);
-    return unit < n_units ? unit : int64_t{-1};
-  };
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_units), 1, [&](int64_t, int64_t) {
-    auto state = make_state();
-    for (int64_t unit = claim(), next; unit >= 0; unit = next) {
-      next = claim();
-      fn(state, unit, next);
-    }
-  });
-}
-
-// Per-thread buffers of the forward pass, sized for one row.
-struct ForwardBuffers {
-  Floats u, delta, du, y, h;
-  explicit ForwardBuffers(const Problem& p) : u(p.length), delta(p.length), du(p.length), y(p.length), h(p.lanes) {}
-};
 
 // One forward call's tensors; forward_row reads and writes its row's slices.
 template <typename T>
