@@ -1,6 +1,7 @@
 // Vector math of the CPU selective-scan kernel: fixed-width float vectors (GCC/Clang vector
 // extensions, so the same code is AVX2 on x86 and NEON on ARM) and branch-free exp, softplus,
-// sigmoid that work on a float or a vector: exp within 2 ulp (tests/test_cpu_vector_math.py).
+// sigmoid that work on a float or a vector: exp within 2 ulp, the decays exp(delta A) within the
+// rounding of delta A itself (tests/test_cpu_vector_math.py).
 #pragma once
 
 #include <algorithm>
@@ -212,9 +213,9 @@ alignas(64) inline constexpr float kExp2Fractions[32] = {
 // operation, in about half the vector operations of exp(x) by round(32 x / ln2) and a cubic.
 template <bool kLow, bool kClampLow, bool kClampHigh>
 LETHE_INLINE Vec exp2_table(Vec y_in, Vec y_low = Vec{}) {
-  // 2^-150 rounds to 0 and 2^128 overflows to inf; clamping keeps the rounding exact (|y| <
-  // 2^17) and infinities right (min and max return their second operand for NaN: NaN stays NaN).
-  // A caller that leaves out a clamp guarantees that bound for y (or NaN).
+  // The clamps are for infinite y, where f = inf - inf would be NaN: -150 and 128 already give 0
+  // and inf (scalef saturates), and min and max return their second operand for NaN, so NaN stays
+  // NaN. A caller that leaves out a clamp guarantees y never is that infinity.
   constexpr float kRound = 393216.0f;  // 1.5 * 2^18
   __m512 y = reinterpret_cast<__m512>(y_in);
   if constexpr (kClampLow) y = _mm512_max_ps(_mm512_set1_ps(-150.0f), y);

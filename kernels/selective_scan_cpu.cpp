@@ -262,10 +262,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> scan_fwd(const Tensor& u, const Tenso
 }
 
 // Channels per backward task: the largest of 64, 32, 16 that leaves at least 8 tasks, and at least
-// lanes. dB/dC partial sums take (batch, channels / group, length, lanes) floats, at most batch x
-// channels x length; the larger the group, the fewer to add up (64 took 10% off the backward at
-// batch 2 x 256 channels, against 16). Fixed by the shape alone, so the summation order (and the
-// bits) never depend on the thread count.
+// lanes. dB/dC partial sums take batch x ceil(channels / group) x length x lanes floats (no more
+// than batch x channels x length when the channels fill the groups); the larger the group, the
+// fewer to add up (64 took 10% off the backward at batch 2 x 256 channels, against 16). Fixed by
+// the shape alone, so the summation order (and the bits) never depend on the thread count.
 int64_t channel_group(int64_t batch, int64_t channels, int64_t lanes) {
   int64_t group = 64;
   while (group > 16 && batch * ((channels + group - 1) / group) < 8) group /= 2;

@@ -126,10 +126,35 @@ def test_gradients_without_softplus_match_reference(impl):
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=6e-4, atol=2e-3, msg=f"grad of {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_kernel_rounds_half_precision_like_torch(dtype):
+    """On inputs exact in bfloat16/float16, the kernel's half-precision output is its float32
+    output rounded by torch (round to nearest even), bit for bit: its vector conversions."""
+    inputs = make_inputs(2, 5, 300, 16, seed=1)
+    for name in ("u", "delta", "B", "C", "z"):
+        inputs[name] = inputs[name].to(dtype)
+    y_half, _ = selective_scan(**inputs, impl="cpu")
+    y_float, _ = selective_scan(**{k: v.float() for k, v in inputs.items()}, impl="cpu")
+    assert y_half.dtype == dtype and torch.equal(y_half, y_float.to(dtype))
+
+
+def test_overflowing_decays_are_inf_like_reference():
+    """delta = inf (softplus of +inf) with A > 0: exp(delta A) = inf, and with positive inputs
+    every later state and output is +inf, as in the reference, not NaN. Channel 1 (A < 0) stays
+    finite."""
+    inputs = {k: v.abs() + 0.1 for k, v in make_inputs(1, 2, 12, 16, seed=9).items() if k != "z"}
+    inputs["A"][1] = -inputs["A"][1]
+    inputs["delta"][0, 0, 5] = float("inf")
+    y_ref, _ = selective_scan(**inputs, impl="reference")
+    y, _ = selective_scan(**inputs, impl="cpu")
+    assert torch.isposinf(y_ref[0, 0, 5:]).all() and torch.isposinf(y[0, 0, 5:]).all()
+    torch.testing.assert_close(y[0, 0, :5], y_ref[0, 0, :5], rtol=6e-4, atol=2e-3)
+    torch.testing.assert_close(y[0, 1], y_ref[0, 1], rtol=6e-4, atol=2e-3)
+
+
 @pytest.mark.parametrize("impl", ["chunked", "cpu"])
 def test_growing_states_match_reference(impl):
-    """A > 0 in some channels (decays above 1, which the CPU kernel's exp must not clamp away),
-    beside the usual A < 0."""
+    """A > 0 in some channels (decays above 1), beside the usual A < 0."""
     inputs = make_inputs(2, 4, 50, 16, seed=13)
     inputs["A"][1] = inputs["A"][1].abs() * 0.05
     inputs["A"][3, ::2] *= -0.02

@@ -3,8 +3,9 @@
     y, last_state = scan_fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
 
 One op, `lethe::selective_scan_fwd` / `lethe::selective_scan_bwd`, registered with
-torch.library (autograd formula and fake implementation included, so torch.compile traces
-through it without a graph break), dispatching on the device to:
+torch.library (autograd formula and fake implementation included, so torch.compile, vmap and
+make_fx trace through it without a graph break; plain eager calls take a shorter way to the same
+kernels, _EagerScan), dispatching on the device to:
 
   cpu   kernels/selective_scan_cpu.cpp: threaded over (batch, channel), vectorized over d_state
   cuda  kernels/selective_scan_cuda.cu: one thread block per (batch, channel), a block-wide
@@ -31,6 +32,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 KERNEL_DIR = Path(__file__).resolve().parents[3] / "kernels"
 BUILD_DIR = Path(os.environ.get("LETHE_KERNEL_BUILD_DIR", KERNEL_DIR / "build"))
@@ -244,8 +246,8 @@ selective_scan_fwd.register_autograd(lambda ctx, grad_y, grad_last, _grad_saved,
 
 
 class _EagerScan(torch.autograd.Function):
-    """The same op and autograd outside torch.compile, calling the kernels directly: the custom
-    op's Python dispatch costs ~70 us per forward+backward, and ~0.25 ms at batch 2 x 256 x 1024,
+    """The same op and autograd in plain eager mode, calling the kernels directly: the custom op's
+    Python dispatch costs ~70 us per forward+backward, and ~0.25 ms at batch 2 x 256 x 1024,
     where the kernel has just pushed the interpreter's data out of the caches (~8% of the call)."""
 
     @staticmethod
@@ -255,8 +257,16 @@ class _EagerScan(torch.autograd.Function):
         return output
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernel's backward has no derivative: say so, not zeros
     def backward(ctx, grad_y, grad_last, _grad_saved, _grad_y_pre):
         return _gradients(_scan_bwd, ctx, grad_y, grad_last)
+
+
+def _plain_eager() -> bool:
+    """Outside torch.compile, functorch transforms (vmap) and dispatch-mode tracing (make_fx, fake
+    tensors): those need the custom op, whose fake, batching and tracing rules torch knows."""
+    return not (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+                or _get_current_dispatch_mode() is not None)
 
 
 def scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, initial_state=None):
@@ -271,7 +281,7 @@ def scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
     def fp32(t):
         return None if t is None else t.float().contiguous()
 
-    scan = selective_scan_fwd if torch.compiler.is_compiling() else _EagerScan.apply
+    scan = _EagerScan.apply if _plain_eager() else selective_scan_fwd
     y, last, _, _ = scan(u.contiguous(), like_u(delta), fp32(A), like_u(B), like_u(C), fp32(D), like_u(z),
                          fp32(delta_bias), fp32(initial_state), bool(delta_softplus))
     return y, last
