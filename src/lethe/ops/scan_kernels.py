@@ -198,7 +198,7 @@ def _scan_bwd(
     return tuple(_launch("scan_bwd", u, (*args, y_pre, grad_y, grad_last)))
 
 
-# The custom ops torch.compile traces (fake implementations below; no graph break around the scan).
+# The custom ops torch.compile, vmap and make_fx trace (fake implementations below; no graph break).
 selective_scan_fwd = torch.library.custom_op("lethe::selective_scan_fwd", _scan_fwd, mutates_args=())
 selective_scan_bwd = torch.library.custom_op("lethe::selective_scan_bwd", _scan_bwd, mutates_args=())
 
