@@ -123,6 +123,10 @@ void convert(const From* in, int64_t n, To* out) {
 template <typename From, typename To>
 void transpose_copy(const From* __restrict__ in, int64_t in_stride, int64_t rows, int64_t cols, To* __restrict__ out,
                     int64_t out_stride) {
+  const auto elements = [&](int64_t i_begin, int64_t i_end, int64_t j_begin) {
+    for (int64_t i = i_begin; i < i_end; ++i)
+      for (int64_t j = j_begin; j < cols; ++j) out[j * out_stride + i] = static_cast<To>(static_cast<float>(in[i * in_stride + j]));
+  };
   int64_t i0 = 0;
   for (; i0 + kLanes <= rows; i0 += kLanes) {
     int64_t j0 = 0;
@@ -132,11 +136,9 @@ void transpose_copy(const From* __restrict__ in, int64_t in_stride, int64_t rows
       transpose(block);
       for (int j = 0; j < kLanes; ++j) store_as(out + (j0 + j) * out_stride + i0, block[j]);
     }
-    for (int64_t i = i0; i < i0 + kLanes; ++i)
-      for (int64_t j = j0; j < cols; ++j) out[j * out_stride + i] = static_cast<To>(static_cast<float>(in[i * in_stride + j]));
+    elements(i0, i0 + kLanes, j0);  // the columns past the last whole block
   }
-  for (int64_t i = i0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) out[j * out_stride + i] = static_cast<To>(static_cast<float>(in[i * in_stride + j]));
+  elements(i0, rows, 0);  // the rows past the last whole block
 }
 
 // B or C of one batch, (d_state, length) in any float type, to the kernel's float32 (length,

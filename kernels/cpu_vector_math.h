@@ -48,6 +48,15 @@ LETHE_INLINE float lane_sum(Vec v) {  // halving vector adds, then 4 scalars
 // leaves the kLanes totals in one vector. ~3 vector ops per step instead of a scalar reduction
 // each (the same totals as lane_sum, added in another order).
 namespace detail {
+// Lanes I... of x's kLanes lanes followed by y's (one two-source shuffle).
+template <int... I>
+LETHE_INLINE Vec shuffle(Vec x, Vec y) {
+#if defined(__clang__)
+  return __builtin_shufflevector(x, y, I...);
+#else  // GCC's own spelling: __builtin_shufflevector only exists from GCC 12
+  return __builtin_shuffle(x, y, IntVec{I...});
+#endif
+}
 // Output lane i of a fold of x and y whose segments (one step's partial sums) are S lanes wide:
 // output segments (S / 2 wide) alternate between x's and y's, `high` picks each half.
 constexpr int fold_index(int S, int i, bool high) {
@@ -56,11 +65,7 @@ constexpr int fold_index(int S, int i, bool high) {
 }
 template <int S, std::size_t... I>
 LETHE_INLINE Vec fold(Vec x, Vec y, std::index_sequence<I...>) {
-#if defined(__clang__)
-  return __builtin_shufflevector(x, y, fold_index(S, I, false)...) + __builtin_shufflevector(x, y, fold_index(S, I, true)...);
-#else  // GCC's own spelling: __builtin_shufflevector only exists from GCC 12
-  return __builtin_shuffle(x, y, IntVec{fold_index(S, I, false)...}) + __builtin_shuffle(x, y, IntVec{fold_index(S, I, true)...});
-#endif
+  return shuffle<fold_index(S, I, false)...>(x, y) + shuffle<fold_index(S, I, true)...>(x, y);
 }
 template <int S>
 LETHE_INLINE void fold_level(Vec* v, int count) {
@@ -79,11 +84,7 @@ constexpr int halves_index(int i, bool high) {
 }
 template <bool kHigh, std::size_t... I>
 LETHE_INLINE Vec halves(Vec x, Vec y, std::index_sequence<I...>) {
-#if defined(__clang__)
-  return __builtin_shufflevector(x, y, halves_index(I, kHigh)...);
-#else
-  return __builtin_shuffle(x, y, IntVec{halves_index(I, kHigh)...});
-#endif
+  return shuffle<halves_index(I, kHigh)...>(x, y);
 }
 // Lane j of row i (kHigh: row i + S) after the round of a transpose that swaps the off-diagonal
 // S x S blocks of rows i and i + S.
@@ -94,11 +95,7 @@ constexpr int swap_index(int j) {
 }
 template <int S, bool kHigh, std::size_t... I>
 LETHE_INLINE Vec swap_blocks(Vec x, Vec y, std::index_sequence<I...>) {
-#if defined(__clang__)
-  return __builtin_shufflevector(x, y, swap_index<S, kHigh>(I)...);
-#else
-  return __builtin_shuffle(x, y, IntVec{swap_index<S, kHigh>(I)...});
-#endif
+  return shuffle<swap_index<S, kHigh>(I)...>(x, y);
 }
 template <int S>
 LETHE_INLINE void transpose_round(Vec* rows) {
