@@ -17,6 +17,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from lethe import cli  # noqa: F401 (also registers the resolver --help uses)
+
 ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("LETHE_ROOT", str(ROOT))
 
@@ -62,16 +64,13 @@ def report_sweep(cfg: DictConfig, out_dir: Path) -> list[Path]:
 def main(cfg: DictConfig) -> None:
     from lethe.errors import LetheError
 
-    try:
+    with cli.user_errors():
         if bool(cfg.ckpt) == bool(cfg.sweep):
             raise LetheError("pass one of ckpt=<file.ckpt | run or sweep directory | [list]> (score checkpoints) "
                              "or sweep=<directory> (tabulate a sweep's runs)")
         out_dir = Path(cfg.out_dir or cfg.paths.output_dir)
         written = (report_checkpoints if cfg.ckpt else report_sweep)(cfg, out_dir)
         print("\nwrote " + "  ".join(str(p) for p in written if p), flush=True)
-    except LetheError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

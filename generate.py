@@ -14,6 +14,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, ListConfig
 
+from lethe import cli  # (also registers the resolver --help uses)
+
 ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("LETHE_ROOT", str(ROOT))
 
@@ -97,13 +99,8 @@ def run(cfg: DictConfig):
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    from lethe.errors import LetheError
-
-    try:
+    with cli.user_errors():
         run(cfg)
-    except LetheError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

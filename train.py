@@ -21,11 +21,11 @@ os.environ.setdefault("LETHE_ROOT", str(ROOT))
 def main(cfg: DictConfig) -> float | None:
     import math
 
-    import torch
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from lethe.errors import ConfigError, LetheError
+    from lethe import cli
+    from lethe.errors import ConfigError
     from lethe.training.run import record_failure, train
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -34,13 +34,15 @@ def main(cfg: DictConfig) -> float | None:
             # Lightning starts DDP ranks by re-running sys.argv, which cannot nest inside a sweep.
             raise ConfigError(f"trainer.devices={cfg.trainer.devices} inside a multirun (-m); run each sweep job on one device")
         metrics = train(cfg)
-    except (LetheError, torch.OutOfMemoryError) as exc:
-        message = str(exc).strip().splitlines()[0] if isinstance(exc, LetheError) else f"out of memory ({type(exc).__name__})"
-        print(f"error: {message}", file=sys.stderr, flush=True)
+    except BaseException as exc:
+        message = cli.error_message(exc)
+        if message is None:
+            raise
+        cli.print_error(message)
         if multirun:  # recorded as failed (failed.json; a FAIL trial for Optuna); the sweep goes on
             record_failure(cfg, message)
             return None
-        sys.exit(2)
+        sys.exit(cli.EXIT_USER_ERROR)
     val_loss = metrics.get("val_loss")
     # the objective for Hydra sweepers; None, not NaN, is what the Optuna sweeper records as a failed trial
     return val_loss if val_loss is not None and math.isfinite(val_loss) else None

@@ -13,19 +13,16 @@ the peak memory allocated. Models are randomly initialized: speed does not depen
 import argparse
 import contextlib
 import time
-from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
+from lethe.config import compose
 from lethe.generation import generate
-
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
 
 def build(name, vocab, device):
-    config = OmegaConf.load(CONF / f"{name}.yaml")
+    config = compose("train", f"model={name}").model
     torch.manual_seed(0)
     # no context limit for a benchmark of long prompts (RoPE has no learned positions)
     unbounded = {"max_seq_len": 1 << 20} if "max_seq_len" in config else {}

@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lethe.ops import SCAN_IMPL_CHOICES, scan_kernels, selective_scan
+from lethe.ops import SCAN_IMPL_CHOICES, kernel_build, selective_scan
 
 CPU_SHAPES = ["2,256,1024,16", "1,128,4096,16", "4,512,256,16"]
 GPU_SHAPES = ["8,1536,2048,16", "8,1536,8192,16", "1,1536,8192,16", "8,768,4096,16"]
@@ -188,7 +188,7 @@ def main():
     other_device = "cpu" if device.type == "cuda" else "cuda"
     impls = args.impls or [i for i in SCAN_IMPL_CHOICES if i not in ("auto", other_device)]
     for impl in impls:
-        reason = scan_kernels.unavailable(impl) if impl in scan_kernels.SOURCES else None
+        reason = kernel_build.unavailable(impl) if impl in kernel_build.SOURCES else None
         if reason is not None:
             raise SystemExit(f"error: impl {impl} is unavailable: {reason}")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"

@@ -1,15 +1,58 @@
-"""Helpers shared by the test modules (imported as `helpers`: pytest puts tests/ on sys.path)."""
+"""Helpers shared by the test modules (imported as `helpers`: pytest puts tests/ on sys.path).
+Fixtures live in conftest.py; no test module imports another."""
 
+import csv
+import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from omegaconf import OmegaConf
 
+from lethe.config import CONF_DIR as CONF
+from lethe.config import compose
 from lethe.ops import SCAN_IMPL_CHOICES, selective_scan
 
 ROOT = Path(__file__).resolve().parents[1]
+BYTE_TOKENIZER = {"_target_": "lethe.data.tokenizer.byte_level"}
+NEOX_VOCAB = 50280  # GPT-NeoX tokenizer padded to a multiple of 8, the paper's
+# A small, fast slice of the stdlib corpus, and a run of seconds on it (experiment=smoke)
+SMALL_DATA = ["data.source.max_bytes=400000", "data.num_proc=1"]
+SMOKE = ["experiment=smoke", "logger=csv", *SMALL_DATA]
+
+
+def options(group: str) -> list[str]:
+    """The options of a config group (conf/<group>/*.yaml)."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_config(*overrides, config_name: str = "train"):
+    """The composed config, as train.py would see it but without Hydra's own node."""
+    return compose(config_name, *overrides)
+
+
+def model_config(name: str, **overrides) -> dict:
+    """A model group option as the plain dict a run instantiates (its family's base merged in)."""
+    cfg = compose_config(f"model={name}").model
+    return {**OmegaConf.to_container(cfg, resolve=True), **overrides}
+
+
+def data_config(name: str):
+    """A data group option, composed (DictConfig, still editable)."""
+    return compose_config(f"data={name}").data
+
+
+def assert_one_line(exc_info, *needles):
+    """The error is one line and names every needle."""
+    message = str(exc_info.value)
+    assert "\n" not in message, message
+    for needle in needles:
+        assert needle in message, message
 # Scan implementations that run on CPU tensors ("cuda" needs a GPU: tests/test_kernels.py), and
 # those that take float64 (the fused kernels compute in float32 and take float32/16 inputs).
 CPU_SCAN_IMPLS = tuple(impl for impl in SCAN_IMPL_CHOICES if impl != "cuda")
@@ -28,6 +71,83 @@ def run_script(script, *args, cwd=ROOT, env_extra=None, check=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def train_smoke(run_dir, data_dir, *overrides, **kwargs):
+    """train.py with experiment=smoke on the small stdlib slice, into run_dir."""
+    return run_script("train.py", *SMOKE, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", *overrides, **kwargs)
+
+
+def logged(run_dir, name) -> dict:
+    """{step: value} of one metric in the run's CSV log (the rows that carry it)."""
+    with open(Path(run_dir) / "csv" / "metrics.csv") as f:
+        return {int(r["step"]): float(r[name]) for r in csv.DictReader(f) if r.get(name)}
+
+
+def train_losses(run_dir) -> dict:
+    return logged(run_dir, "train/loss")
+
+
+def offline_wandb_env(tmp_path) -> dict:
+    """No WANDB_* variable (the tests' WANDB_MODE=disabled included) and no API key: what wandb
+    does is then the config's own choice. Settings go to an empty directory, so a user's
+    ~/.config/wandb cannot switch the mode either."""
+    return {**{k: None for k in os.environ if k.startswith("WANDB_")}, "WANDB_MODE": None, "WANDB_API_KEY": None,
+            "WANDB_CONFIG_DIR": str(tmp_path / "wandb-settings")}
+
+
+def read_wandb_run(offline_run: Path) -> dict:
+    """An offline run as wandb itself reads it back (`wandb leet inspect --summary --json`, the
+    reader of its run log): config, summary, state."""
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    proc = subprocess.run([str(wandb_cli), "leet", "inspect", "--summary", "--json", str(offline_run)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+def sample_documents(n=60, seed=0):
+    """Deterministic documents with non-ASCII text and no blank lines inside."""
+    rng = random.Random(seed)
+    words = ["mamba", "state", "space", "scan", "résumé", "naïve", "Ωmega", "😀", "token", "x=1;"]
+    return [f"doc {i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(3, 25))) for i in range(n)]
+
+
+def write_texts(path: Path, texts, fmt: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "txt":
+        path.write_text("\n\n".join(texts), encoding="utf-8")
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps({"text": t, "n": i}) + "\n" for i, t in enumerate(texts)), encoding="utf-8")
+    elif fmt == "json":
+        path.write_text(json.dumps([{"text": t} for t in texts]), encoding="utf-8")
+    elif fmt == "parquet":
+        pq.write_table(pa.table({"text": texts}), path)
+    return path
+
+
+def write_corpus(directory: Path, n: int = 60) -> Path:
+    """A directory holding one jsonl file of n sample documents."""
+    write_texts(Path(directory) / "docs.jsonl", sample_documents(n), "jsonl")
+    return Path(directory)
+
+
+def make_dm(tmp_path, source, tokenizer=None, seq_len=16, **kw):
+    """An LMDataModule (batches of 4, one tokenizing process) caching under tmp_path/cache."""
+    from lethe.data import LMDataModule
+
+    kw = {"batch_size": 4, "num_proc": 1, "cache_dir": tmp_path / "cache", **kw}
+    return LMDataModule(source=source, tokenizer=tokenizer or BYTE_TOKENIZER, seq_len=seq_len, **kw)
+
+
+def local_dm(tmp_path, n=60, **kw):
+    """A set-up data module over n sample documents in a local jsonl file (15% val, 15% test)."""
+    write_texts(tmp_path / "corpus" / "docs.jsonl", sample_documents(n), "jsonl")
+    source = {"_target_": "lethe.data.sources.local_corpus", "path": str(tmp_path / "corpus" / "*.jsonl"),
+              "holdout": {"val": 0.15, "test": 0.15}}
+    dm = make_dm(tmp_path, source, **kw)
+    dm.setup()
+    return dm
 
 
 def perturbed(model, scale=0.05):
@@ -77,3 +197,34 @@ def run(impl, inputs, use_z, use_bias, use_state):
     loss = (y.float() * weights_y).sum() + (last * weights_last).sum()
     loss.backward()
     return y.cpu(), last.cpu(), {k: v.grad.cpu() for k, v in args.items()}
+
+
+# ---- closed-form parameter counts, written from the architectures (not from the modules) ------
+def padded(vocab: int, multiple: int = 8) -> int:
+    return -(-vocab // multiple) * multiple
+
+
+def transformer_params(c: dict, vocab: int) -> int:
+    d = c["d_model"]
+    f = c.get("d_ff") or 64 * -(-8 * d // (3 * 64))  # null: 8/3 d rounded up to a multiple of 64
+    per_layer = 4 * d * d + 3 * d * f + 2 * d  # qkv + o, gate/up/down, two norms
+    return padded(vocab, c.get("pad_vocab_multiple", 8)) * d + c["n_layer"] * per_layer + d
+
+
+def mamba_params(c: dict, vocab: int) -> int:
+    d = c["d_model"]
+    e, n, k = c.get("expand", 2) * d, c.get("d_state", 16), c.get("d_conv", 4)
+    r = -(-d // 16) if c.get("dt_rank", "auto") == "auto" else c["dt_rank"]
+    selective = {"delta": True, "B": True, "C": True, **(c.get("selective") or {})}
+    x_proj = e * (r * selective["delta"] + n * selective["B"] + n * selective["C"])
+    delta = r * e + e if selective["delta"] else e  # dt_proj weight + bias, or a bias alone
+    constant_bc = n * (not selective["B"]) + n * (not selective["C"])
+    bias = c.get("bias", False)
+    in_proj, out_proj = d * 2 * e + 2 * e * bias, e * d + d * bias
+    conv = e * k + e * c.get("conv_bias", True)
+    per_layer = in_proj + conv + x_proj + delta + constant_bc + e * n + e + out_proj + d  # A_log, D, norm
+    return padded(vocab, c.get("pad_vocab_multiple", 8)) * d + c["n_layer"] * per_layer + d
+
+
+def family_params(c: dict, vocab: int) -> int:
+    return (mamba_params if c["_target_"].endswith("MambaLM") else transformer_params)(c, vocab)

@@ -1,20 +1,38 @@
-"""The benchmarks run end to end at toy sizes (their figures are in bench/results/, not asserted here)."""
+"""The benchmarks run end to end at toy sizes and their tables add up: ratios are the ratios of
+the times they print, memory is what the architectures hold. (Their speed figures are in
+bench/results/, measured, never asserted here.)"""
 
 import pytest
 
 from helpers import run_script
 
 
-@pytest.mark.slow
-def test_scan_benchmark_prints_every_impl():
-    out = run_script("bench/scan.py", "--shapes", "1,4,33,4", "--rounds", "1", "--repeats", "1").stdout
-    rows = [line for line in out.splitlines() if line.startswith("| (1, 4, 33, 4)")]
-    assert [row.split("|")[2].strip() for row in rows] == ["reference", "chunked", "cpu"]
-    assert all(float(row.split("|")[4].split()[0]) > 0 for row in rows)  # forward+backward ms (median)
+def table_rows(out: str, first_cell: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith(f"| {first_cell}")]
 
 
 @pytest.mark.slow
-def test_generation_benchmark_prints_both_models():
-    out = run_script("bench/generate.py", "--batches", "1", "--prompts", "8", "--new-tokens", "4", "--repeats", "1").stdout
-    rows = [line for line in out.splitlines() if line.startswith("| mamba-tiny") or line.startswith("| transformer-tiny")]
-    assert len(rows) == 2 and all(float(row.split("|")[6]) > 0 for row in rows)  # decode tok/s
+def test_scan_benchmark_reports_every_impl_and_its_own_ratios():
+    out = run_script("bench/scan.py", "--shapes", "1,16,400,8", "--rounds", "2", "--repeats", "1").stdout
+    rows = {row[1]: row for row in table_rows(out, "(1, 16, 400, 8)")}
+    assert list(rows) == ["reference", "chunked", "cpu"]
+    median = {impl: (float(row[2].split()[0]), float(row[3].split()[0])) for impl, row in rows.items()}
+    for impl, row in rows.items():
+        forward, backward = (float(x.rstrip("x")) for x in row[6].split(" / "))  # "vs chunked": medians' ratio
+        assert forward == pytest.approx(median["chunked"][0] / median[impl][0], rel=0.06, abs=0.06)
+        assert backward == pytest.approx(median["chunked"][1] / median[impl][1], rel=0.06, abs=0.06)
+    assert rows["chunked"][6] == "1.0x / 1.0x"
+    # the reference's autograd keeps every step's state; the fused kernel keeps chunk boundaries only
+    assert float(rows["cpu"][4]) < float(rows["reference"][4])
+
+
+@pytest.mark.slow
+def test_generation_benchmark_reports_the_state_each_model_keeps():
+    prompt, new = 64, 4
+    out = run_script("bench/generate.py", "--batches", "1", "--prompts", str(prompt), "--new-tokens", str(new), "--repeats", "1").stdout
+    (mamba,), (transformer,) = table_rows(out, "mamba-tiny"), table_rows(out, "transformer-tiny")
+    assert float(mamba[5]) > 0 and float(transformer[5]) > 0  # decode tok/s
+    # mamba-tiny: 4 layers x (conv window 3 + SSM state 16) x d_inner 256 floats, whatever the length
+    assert float(mamba[6]) == pytest.approx(4 * 256 * (3 + 16) * 4 / 2**20, abs=0.006)
+    # transformer-tiny: 2 layers x (keys + values) x (prompt + new) positions x d_model 128 floats
+    assert float(transformer[6]) == pytest.approx(2 * 2 * (prompt + new) * 128 * 4 / 2**20, abs=0.006)

@@ -9,12 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import run_script
+from helpers import BYTE_TOKENIZER, SMOKE, run_script
 from lethe.data import LMDataModule
 from lethe.errors import LetheError
 from lethe.evaluation import find_checkpoints
 from lethe.training.checkpoint import load_trained_model
-from test_train import SMOKE
 
 LENGTHS = [32, 64, 128]  # 0.5x, 1x, 2x the training length of experiment=smoke
 
@@ -37,7 +36,7 @@ def independent_scores(ckpt, data_dir, length):
     split, read straight from the token cache and scored with a plain cross-entropy."""
     model, tokenizer, meta = load_trained_model(ckpt)
     data = meta["run_config"]["data"]
-    dm = LMDataModule(source=data["source"], tokenizer={"kind": "byte"}, seq_len=length, cache_dir=data_dir,
+    dm = LMDataModule(source=data["source"], tokenizer=BYTE_TOKENIZER, seq_len=length, cache_dir=data_dir,
                       max_tokens=data["max_tokens"])
     dm.prepare_data()
     stream = torch.from_numpy(dm.caches["test"].array().astype("int64"))
@@ -82,6 +81,7 @@ def test_matched_pair_trains_on_the_same_budget(compared):
     assert mamba["tokens_seen"] == transformer["tokens_seen"] and mamba["corpus_fingerprint"] == transformer["corpus_fingerprint"]
 
 
+@pytest.mark.slow
 def test_missing_corrupt_and_foreign_checkpoints_fail_in_one_line(tmp_path):
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(b"not a checkpoint")

@@ -13,13 +13,18 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from transformers import (
-    AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MambaConfig,
+    MambaForCausalLM,
 )
 
+from helpers import assert_one_line, compose_config, perturbed, run_script
 from lethe.config import instantiate, validate
 from lethe.data import byte_tokenizer, load_tokenizer, train_bpe
 from lethe.errors import ConfigError, LetheError
@@ -30,9 +35,6 @@ from lethe.models import MambaLM, TransformerLM
 from lethe.training.checkpoint import load_trained_model, read_checkpoint, save_model_checkpoint
 from lethe.training.run import check_resumable, load_initial_weights
 
-from helpers import ROOT, perturbed, run_script
-
-CONF = ROOT / "conf"
 ATOL = 1e-5
 
 
@@ -177,18 +179,11 @@ def test_imported_llama_matches(tmp_path, tokenizer, vocab_size, multiple):
 
 
 # ---- refusals: one line naming the problem -------------------------------------------------------
-def one_line(exc_info, *needles):
-    message = str(exc_info.value)
-    assert "\n" not in message, message
-    for needle in needles:
-        assert needle in message, message
-
-
 def test_lti_mamba_is_not_exported(tmp_path, tokenizer):
     model = tiny_mamba(selective={"delta": False, "B": False, "C": True})
     with pytest.raises(LetheError) as exc:
         export_checkpoint(write_ckpt(model, tokenizer, tmp_path / "lti.ckpt"), tmp_path / "hf")
-    one_line(exc, "selectivity", "delta, B", "no equivalent")
+    assert_one_line(exc, "selectivity", "delta, B", "no equivalent")
     assert not (tmp_path / "hf" / "config.json").exists()
 
 
@@ -204,14 +199,14 @@ def test_unsupported_llama_features_are_refused(tmp_path, tokenizer, field, valu
     tokenizer.save_pretrained(tmp_path / "hf")
     with pytest.raises(LetheError) as exc:
         import_pretrained(tmp_path / "hf", tmp_path / "t.ckpt")
-    one_line(exc, "rope_scaling" if field == "rope_parameters" else field, "not supported")
+    assert_one_line(exc, "rope_scaling" if field == "rope_parameters" else field, "not supported")
     assert not (tmp_path / "t.ckpt").exists()
 
 
 def test_missing_and_incomplete_directories_are_refused(tmp_path, tokenizer):
     with pytest.raises(LetheError) as exc:
         import_pretrained(tmp_path / "nowhere", tmp_path / "x.ckpt")
-    one_line(exc, "nowhere", "no config.json")
+    assert_one_line(exc, "nowhere", "no config.json")
 
     hf_mamba_dir(tmp_path / "hf", tokenizer)
     weights = load_file(tmp_path / "hf" / "model.safetensors")
@@ -220,25 +215,26 @@ def test_missing_and_incomplete_directories_are_refused(tmp_path, tokenizer):
     save_file(missing, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(LetheError) as exc:
         import_pretrained(tmp_path / "hf", tmp_path / "x.ckpt")
-    one_line(exc, "backbone.layers.1.mixer.dt_proj.bias")
+    assert_one_line(exc, "backbone.layers.1.mixer.dt_proj.bias")
 
     save_file(weights | {"backbone.layers.0.mixer.extra": torch.zeros(3)}, tmp_path / "hf" / "model.safetensors")
     with pytest.raises(LetheError) as exc:
         import_pretrained(tmp_path / "hf", tmp_path / "x.ckpt")
-    one_line(exc, "backbone.layers.0.mixer.extra", "no place")
+    assert_one_line(exc, "backbone.layers.0.mixer.extra", "no place")
 
     (tmp_path / "hf" / "model.safetensors").unlink()
     with pytest.raises(LetheError) as exc:
         import_pretrained(tmp_path / "hf", tmp_path / "x.ckpt")
-    one_line(exc, "holds no weights")
+    assert_one_line(exc, "holds no weights")
 
     (tmp_path / "hf" / "tokenizer.json").unlink()
     with pytest.raises(LetheError) as exc:
         import_pretrained(tmp_path / "hf", tmp_path / "x.ckpt")
-    one_line(exc, "no tokenizer.json", "--tokenizer")
+    assert_one_line(exc, "no tokenizer.json", "--tokenizer")
     assert not (tmp_path / "x.ckpt").exists()
 
 
+@pytest.mark.slow
 # ---- the command line ----------------------------------------------------------------------------
 def test_cli_export_import_and_errors(tmp_path, tokenizer, capsys):
     ckpt = write_ckpt(tiny_mamba(), tokenizer, tmp_path / "m.ckpt")
@@ -269,6 +265,7 @@ def corpus(tmp_path_factory):
     return root, overrides
 
 
+@pytest.mark.slow
 def test_eval_scores_an_imported_checkpoint_on_named_data(tmp_path, tokenizer, corpus):
     _, data = corpus
     hf = hf_mamba_dir(tmp_path / "hf", tokenizer).eval()
@@ -279,10 +276,9 @@ def test_eval_scores_an_imported_checkpoint_on_named_data(tmp_path, tokenizer, c
     (scores,) = [row["test"] for row in json.loads((tmp_path / "eval" / "eval.json").read_text())]
 
     # the same blocks scored by transformers' model: the imported checkpoint is evaluated faithfully
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("eval", overrides=args)
+    cfg = compose_config(*args, config_name="eval")
     datamodule = instantiate({**OmegaConf.to_container(cfg.data, resolve=True), "eval_batch_size": 4},
-                             tokenizer={"kind": "pretrained", "name": str(tmp_path / "hf")}, seq_len=32,
+                             tokenizer={"_target_": "lethe.data.tokenizer.pretrained", "name": str(tmp_path / "hf")}, seq_len=32,
                              cache_dir=cfg.paths.data_dir, _recursive_=False)
     datamodule.setup()
     nll, tokens = 0.0, 0
@@ -293,13 +289,13 @@ def test_eval_scores_an_imported_checkpoint_on_named_data(tmp_path, tokenizer, c
     assert scores["tokens"] == tokens and scores["loss"] == pytest.approx(nll / tokens, abs=2e-4)
 
     # without a run config and without data on the command line: one line saying what to name
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        bare = compose("eval", overrides=[f"ckpt={tmp_path / 'm.ckpt'}"])
+    bare = compose_config(f"ckpt={tmp_path / 'm.ckpt'}", config_name="eval")
     with pytest.raises(ConfigError) as exc:
         CheckpointEvaluator(tmp_path / "m.ckpt", bare)
-    one_line(exc, "no training run", "data and seq_len", "data=local")
+    assert_one_line(exc, "no training run", "data and seq_len", "data=local")
 
 
+@pytest.mark.slow
 def test_train_init_from_starts_from_imported_weights(tmp_path, tokenizer, corpus):
     _, data = corpus
     # shaped like model=mamba-tiny at the byte tokenizer, so the composed config matches it exactly
@@ -329,25 +325,23 @@ def test_init_from_refusals(tmp_path, tokenizer):
     ckpt = write_ckpt(tiny_mamba(), tokenizer, tmp_path / "m.ckpt")
     with pytest.raises(ConfigError) as exc:  # a different architecture: the differing keys are listed
         load_initial_weights(ckpt, MambaLM(257, 48, 3, d_state=8), tokenizer)
-    one_line(exc, "init_from=", "differs in: d_model, n_layer")
+    assert_one_line(exc, "init_from=", "differs in: d_model, n_layer")
     other = train_bpe(["some text to learn a few merges from"] * 20, vocab_size=270)
     with pytest.raises(ConfigError) as exc:
         load_initial_weights(ckpt, MambaLM(len(other), 32, 2, d_state=8), other)
-    one_line(exc, "different tokenizer", "tokenizer.name=")
+    assert_one_line(exc, "different tokenizer", "tokenizer.name=")
     with pytest.raises(ConfigError) as exc:  # imported weights have nothing to resume
         check_resumable(ckpt, tiny_mamba())
-    one_line(exc, "weights only", f"init_from={ckpt}")
+    assert_one_line(exc, "weights only", f"init_from={ckpt}")
     model = MambaLM(257, 32, 2, d_state=8)
     load_initial_weights(ckpt, model, load_tokenizer_of(tokenizer, tmp_path))
     assert torch.equal(model.embedding.weight, load_trained_model(ckpt)[0].embedding.weight)
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"init_from={ckpt}", f"ckpt_path={ckpt}"])
+    cfg = compose_config(f"init_from={ckpt}", f"ckpt_path={ckpt}")
     with pytest.raises(ConfigError) as exc:
         validate(cfg)
-    one_line(exc, "init_from", "ckpt_path", "exclusive")
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"init_from={tmp_path / 'missing.ckpt'}"])
+    assert_one_line(exc, "init_from", "ckpt_path", "exclusive")
+    cfg = compose_config(f"init_from={tmp_path / 'missing.ckpt'}")
     with pytest.raises(ConfigError) as exc:
         validate(cfg)
-    one_line(exc, "init_from=", "does not exist")
+    assert_one_line(exc, "init_from=", "does not exist")

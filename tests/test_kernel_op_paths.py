@@ -6,16 +6,15 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from lethe.ops import scan_kernels, selective_scan
-
 from helpers import make_inputs
+from lethe.ops import kernel_build, selective_scan
 
 NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
 
 
 @pytest.fixture(autouse=True)
 def built_kernel():
-    assert scan_kernels.unavailable("cpu") is None
+    assert kernel_build.unavailable("cpu") is None
 
 
 def test_second_derivatives_raise_instead_of_returning_zeros():

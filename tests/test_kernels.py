@@ -12,11 +12,19 @@ import pytest
 import torch
 from torch._dynamo.backends.registry import lookup_backend
 
-from lethe.errors import ConfigError
-from lethe.ops import causal_conv1d, causal_conv1d_reference, resolve_scan_impl, scan_kernels, selective_scan
-conv_module = importlib.import_module("lethe.ops.causal_conv1d")  # the module: lethe.ops re-exports its function
-
 from helpers import ROOT, make_inputs, run
+from lethe.errors import ConfigError
+from lethe.ops import (
+    causal_conv1d,
+    causal_conv1d_reference,
+    kernel_build,
+    resolve_scan_impl,
+    scan_kernels,
+    selective_scan,
+    selective_scan_ref,
+)
+
+conv_module = importlib.import_module("lethe.ops.causal_conv1d")  # the module: lethe.ops re-exports its function
 
 KERNELS = ROOT / "kernels"
 OPTIONAL = ("D", "z", "delta_bias", "initial_state")
@@ -25,14 +33,14 @@ NAMES = ("u", "delta", "A", "B", "C", *OPTIONAL)
 
 def reference_with_grads(inputs, grad_y, grad_last):
     args = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
-    y, last = selective_scan(**args, impl="reference")
+    y, last = selective_scan_ref(**args)  # the ground truth itself, not through the dispatcher under test
     torch.autograd.backward([y, last], [grad_y, grad_last])
     return y, last, {k: v.grad for k, v in args.items()}
 
 
 def emulated_cuda(inputs, grad_y, grad_last):
     """The CUDA kernels' forward and backward, run on CPU threads."""
-    assert scan_kernels.unavailable("cuda_emulated") is None
+    assert kernel_build.unavailable("cuda_emulated") is None
     ops = torch.ops.lethe_cuda_emulated
     args = [inputs.get(name) for name in NAMES]
     y, last, saved, y_pre = ops.scan_fwd(*args, True, scan_kernels.CHUNK["cuda"], 0)
@@ -98,7 +106,6 @@ def test_custom_ops_pass_torch_library_opcheck():
 
 
 def test_torch_compile_traces_the_scan_without_graph_breaks():
-    assert scan_kernels.unavailable("cpu") is None  # built before tracing (what MambaLM.compile does)
     inputs = make_inputs(1, 4, 50, 8, seed=3)
 
     def step(u, delta, A, B, C, D, z, delta_bias, initial_state):
@@ -128,8 +135,10 @@ def test_torch_compile_traces_the_scan_without_graph_breaks():
         torch.testing.assert_close(got, expected)
 
 
-def test_compiled_mamba_model_is_one_graph_and_matches_eager():
+def test_compiled_mamba_model_is_one_graph_and_matches_eager(monkeypatch):
     from lethe.models import MambaLM
+
+    monkeypatch.setattr(kernel_build, "_status", {})  # as in a fresh process: nothing built or loaded yet
 
     torch.manual_seed(0)
     model = MambaLM(vocab_size=64, d_model=32, n_layer=2, d_state=8)
@@ -139,8 +148,9 @@ def test_compiled_mamba_model_is_one_graph_and_matches_eager():
     expected_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     torch._dynamo.reset()
-    model.compile(backend="aot_eager", fullgraph=True)  # MambaLM.compile builds the kernels first
-    logits = model(ids)
+    model.compile(backend="aot_eager", fullgraph=True)
+    logits = model(ids)  # tracing asks for the kernel, which is built (here: loaded) then, outside the graph
+    assert kernel_build._status == {"cpu": None}
     logits.logsumexp(-1).sum().backward()
     torch.testing.assert_close(logits, expected)
     for p, grad in zip(model.parameters(), expected_grads):
@@ -165,7 +175,7 @@ def test_impl_that_cannot_run_is_a_one_line_error(impl, device, dtype, message):
 
 @pytest.mark.parametrize("library", ["lethe_cpu", "lethe_cuda_emulated"])
 def test_kernels_refuse_mismatched_inputs_naming_the_argument(library):
-    assert scan_kernels.unavailable(library.removeprefix("lethe_")) is None
+    assert kernel_build.unavailable(library.removeprefix("lethe_")) is None
     inputs = make_inputs(1, 2, 9, 3)
     args = [inputs[name] for name in ("u", "delta", "A")] + [inputs["B"][:, :, :8].contiguous(), inputs["C"], None, None, None, None, True]
     extra = (1024, 0) if library == "lethe_cuda_emulated" else (scan_kernels.CHUNK["cpu"],)
@@ -176,8 +186,8 @@ def test_kernels_refuse_mismatched_inputs_naming_the_argument(library):
 @pytest.fixture
 def fresh_status(monkeypatch, tmp_path):
     """Kernel status and build directory of a clean machine, restored afterwards."""
-    monkeypatch.setattr(scan_kernels, "_status", {})
-    monkeypatch.setattr(scan_kernels, "BUILD_DIR", tmp_path / "build")
+    monkeypatch.setattr(kernel_build, "_status", {})
+    monkeypatch.setattr(kernel_build, "BUILD_DIR", tmp_path / "build")
     return tmp_path
 
 
@@ -185,7 +195,7 @@ def test_failed_build_warns_once_and_auto_falls_back(fresh_status, monkeypatch):
     sources = fresh_status / "kernels"
     sources.mkdir()
     (sources / "selective_scan_cpu.cpp").write_text("this is not C++;\n")
-    monkeypatch.setattr(scan_kernels, "KERNEL_DIR", sources)
+    monkeypatch.setattr(kernel_build, "KERNEL_DIR", sources)
     with pytest.warns(UserWarning, match="fused cpu scan kernel is unavailable") as caught:
         assert resolve_scan_impl("auto", torch.device("cpu"), 100) == "chunked"
     assert len(caught) == 1 and "build failed" in str(caught[0].message)
@@ -201,7 +211,7 @@ def test_failed_build_warns_once_and_auto_falls_back(fresh_status, monkeypatch):
 
 def test_disabled_kernels_fall_back(fresh_status, monkeypatch):
     monkeypatch.setenv("LETHE_DISABLE_KERNELS", "1")
-    assert scan_kernels.unavailable("cpu") == "disabled by LETHE_DISABLE_KERNELS"
+    assert kernel_build.unavailable("cpu") == "disabled by LETHE_DISABLE_KERNELS"
     assert resolve_scan_impl("auto", torch.device("cpu"), 100) == "chunked"
 
 
@@ -209,13 +219,13 @@ def test_build_is_keyed_by_the_sources(monkeypatch, tmp_path):
     """A changed source gets a new library name (a rebuild); the same source reuses the build."""
     copy = tmp_path / "kernels"
     shutil.copytree(KERNELS, copy, ignore=shutil.ignore_patterns("build"))
-    monkeypatch.setattr(scan_kernels, "KERNEL_DIR", copy)
-    options = scan_kernels._build_options("cpu")
-    before = scan_kernels._library_name("cpu", options)
-    assert scan_kernels._library_name("cpu", options) == before
+    monkeypatch.setattr(kernel_build, "KERNEL_DIR", copy)
+    options = kernel_build._build_options("cpu")
+    before = kernel_build._library_name("cpu", options)
+    assert kernel_build._library_name("cpu", options) == before
     with open(copy / "selective_scan_cpu.cpp", "a") as source:
         source.write("\n// an edit\n")
-    assert scan_kernels._library_name("cpu", options) != before
+    assert kernel_build._library_name("cpu", options) != before
 
 
 def test_cpu_outputs_reuse_freed_memory_and_never_alias_live_ones():
@@ -260,17 +270,17 @@ def test_cpu_kernel_keeps_a_non_finite_row_to_itself():
 
 
 def _has_avx512() -> bool:
-    return " avx512f " in f" {scan_kernels._cpu_fingerprint()} "
+    return " avx512f " in f" {kernel_build._cpu_fingerprint()} "
 
 
 # Run in a fresh interpreter: a second library defining the lethe_cpu ops cannot load beside the first.
 PORTABLE_BUILD_CHECK = """
 import sys, torch
-from lethe.ops import scan_kernels
+from lethe.ops import kernel_build
 from helpers import make_inputs, run
-scan_kernels._native_flags = lambda: ["-march=native", "-mno-avx512f"]
-scan_kernels.BUILD_DIR = scan_kernels.Path(sys.argv[1])
-assert scan_kernels.unavailable("cpu") is None, scan_kernels.unavailable("cpu")
+kernel_build._native_flags = lambda: ["-march=native", "-mno-avx512f"]
+kernel_build.BUILD_DIR = kernel_build.Path(sys.argv[1])
+assert kernel_build.unavailable("cpu") is None, kernel_build.unavailable("cpu")
 for shape in [(2, 3, 1, 4), (1, 4, 129, 5), (2, 3, 300, 16), (1, 2, 70, 40)]:
     inputs = make_inputs(*shape, seed=sum(shape))
     expected, got = run("reference", inputs, True, True, True), run("cpu", inputs, True, True, True)
@@ -297,6 +307,7 @@ def torch_includes():
     return [f"-I{path}" for path in include_paths()]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path):
     command = ["nvcc", "-std=c++17", "-O3", "--use_fast_math", "-c", str(KERNELS / "selective_scan_cuda.cu"),
@@ -305,6 +316,7 @@ def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
 
 
+@pytest.mark.slow
 def test_cuda_binding_compiles_against_torch():
     cxx = shutil.which("c++") or shutil.which("g++")
     command = [cxx, "-std=c++20", "-fsyntax-only", *torch_includes(), f"-I{sys.prefix}",

@@ -1,39 +1,18 @@
 """baseline=matched: the parameter-matched model of the other family, within 2%, at every size.
 Parameter counts are checked against closed-form counts written from the architectures."""
 
-import math
-
 import pytest
-from omegaconf import OmegaConf
+from hydra.utils import get_class
 
+from helpers import NEOX_VOCAB, mamba_params, model_config, transformer_params
 from lethe.errors import ConfigError
+from lethe.models import MambaLM, TransformerLM
 from lethe.models.matching import MatchedBaseline
-from lethe.training.run import model_config
-from test_training_parts import CONF, compose_train
-
-NEOX_VOCAB = 50280
-
-
-def padded(vocab, multiple=8):
-    return math.ceil(vocab / multiple) * multiple
-
-
-def transformer_params(c, vocab):
-    d, f = c["d_model"], c["d_ff"]
-    per_layer = 4 * d * d + 3 * d * f + 2 * d  # qkv + o, gate/up/down, two norms
-    return padded(vocab) * d + c["n_layer"] * per_layer + d
-
-
-def mamba_params(c, vocab):
-    d = c["d_model"]
-    e, n, k = c.get("expand", 2) * d, c.get("d_state", 16), c.get("d_conv", 4)
-    r = math.ceil(d / 16)
-    per_layer = d * 2 * e + e * k + e + e * (r + 2 * n) + r * e + e + e * n + e + e * d + d
-    return padded(vocab) * d + c["n_layer"] * per_layer + d
+from lethe.training.run import model_config as run_model_config
 
 
 def load(name):
-    return OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{name}.yaml"))
+    return model_config(name)
 
 
 @pytest.mark.parametrize("name,vocab", [("mamba-tiny", 257), ("mamba-130m", NEOX_VOCAB), ("mamba-370m", NEOX_VOCAB),
@@ -43,24 +22,23 @@ def test_matched_model_is_within_two_percent(name, vocab):
     reference = load(name)
     matched, report = MatchedBaseline(tolerance=0.02)(reference, vocab)
     if name.startswith("mamba"):
-        assert matched["_target_"] == "lethe.models.TransformerLM" and matched["n_layer"] == reference["n_layer"] // 2
+        assert get_class(matched["_target_"]) is TransformerLM and matched["n_layer"] == reference["n_layer"] // 2
         reference_count, matched_count = mamba_params(reference, vocab), transformer_params(matched, vocab)
     else:
-        assert matched["_target_"] == "lethe.models.MambaLM" and matched["n_layer"] == 2 * reference["n_layer"]
-        reference_count, matched_count = transformer_params({**reference, "d_ff": reference["d_ff"] or
-                                                             64 * math.ceil(8 * reference["d_model"] / 3 / 64)}, vocab), mamba_params(matched, vocab)
+        assert get_class(matched["_target_"]) is MambaLM and matched["n_layer"] == 2 * reference["n_layer"]
+        reference_count, matched_count = transformer_params(reference, vocab), mamba_params(matched, vocab)
     assert (report["reference_params"], report["matched_params"]) == (reference_count, matched_count)
     assert abs(matched_count - reference_count) <= 0.02 * reference_count
     assert report["gap"] == pytest.approx((matched_count - reference_count) / reference_count, abs=1e-5)
 
 
-def test_baseline_matched_composes_from_the_real_config():
+def test_baseline_matched_composes_from_the_real_config(compose_train):
     cfg = compose_train("model=mamba-tiny", "baseline=matched")
-    matched, report = model_config(cfg, vocab_size=257)
-    assert matched["_target_"] == "lethe.models.TransformerLM" and cfg.run_name == "mamba-tiny-matched"
+    matched, report = run_model_config(cfg, vocab_size=257)
+    assert get_class(matched["_target_"]) is TransformerLM and cfg.run_name == "mamba-tiny-matched"
     assert abs(report["gap"]) < 0.02
-    plain, none = model_config(compose_train("model=mamba-tiny"), vocab_size=257)
-    assert plain["_target_"] == "lethe.models.MambaLM" and none is None
+    plain, none = run_model_config(compose_train("model=mamba-tiny"), vocab_size=257)
+    assert plain["_target_"] == "lethe.models.MambaLM" and get_class(plain["_target_"]) is MambaLM and none is None
 
 
 def test_an_impossible_tolerance_is_refused_in_one_line():
@@ -69,7 +47,7 @@ def test_an_impossible_tolerance_is_refused_in_one_line():
 
 
 @pytest.mark.parametrize("experiment", ["paper-125m", "paper-350m"])
-def test_paper_presets_compose_with_the_papers_recipe(experiment):
+def test_paper_presets_compose_with_the_papers_recipe(experiment, compose_train):
     from lethe.config import validate
 
     for baseline in ("none", "matched"):

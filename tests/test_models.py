@@ -1,19 +1,15 @@
 """The language models: sizes against the paper, causality, init, weight-decay groups, configs."""
 
 import math
-from pathlib import Path
 
 import hydra
 import pytest
 import torch
-from omegaconf import OmegaConf
 
+from helpers import CPU_SCAN_IMPLS, compose_config, model_config
 from lethe.errors import ConfigError
 from lethe.models import MambaLM, TransformerLM
 
-from helpers import CPU_SCAN_IMPLS
-
-MODEL_CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 NEOX_VOCAB = 50280  # GPT-NeoX tokenizer, the paper's
 BYTE_VOCAB = 257  # conf/tokenizer/byte.yaml: 256 bytes + <|endoftext|>
 
@@ -25,8 +21,8 @@ PAPER_SIZES = {
 
 
 def from_yaml(name, vocab_size, **overrides):
-    cfg = OmegaConf.load(MODEL_CONF / f"{name}.yaml")
-    return hydra.utils.instantiate(cfg, vocab_size=vocab_size, _convert_="all", **overrides)
+    """The model a run builds from model=<name> (its family's base config composed in)."""
+    return hydra.utils.instantiate(model_config(name), vocab_size=vocab_size, _convert_="all", **overrides)
 
 
 def small_mamba(**kwargs):
@@ -175,7 +171,7 @@ def test_config_rebuilds_the_same_model():
 
 
 def test_yaml_selective_becomes_plain_dict():
-    cfg = OmegaConf.load(MODEL_CONF / "mamba-tiny.yaml")
+    cfg = compose_config("model=mamba-tiny").model
     cfg.selective.delta = False
     model = hydra.utils.instantiate(cfg, vocab_size=BYTE_VOCAB)  # without _convert_: a DictConfig arrives
     assert model.config["selective"] == {"delta": False, "B": True, "C": True}

@@ -7,9 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lethe.modules import CausalSelfAttention, MambaMixer, RMSNorm, apply_rope, rope_angles
-
 from helpers import FLOAT64_SCAN_IMPLS
+from lethe.modules import CausalSelfAttention, MambaMixer, RMSNorm, apply_rope, rope_angles
 
 SELECTIVE_COMBOS = [dict(zip(("delta", "B", "C"), bits)) for bits in itertools.product([True, False], repeat=3)]
 

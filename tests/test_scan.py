@@ -4,11 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lethe.errors import ConfigError
-from lethe.ops import causal_conv1d, causal_conv1d_reference, scan_reference, selective_scan
-from lethe.ops.scan_chunked import scan_chunked
-
 from helpers import CPU_SCAN_IMPLS, make_inputs, run
+from lethe.errors import ConfigError
+from lethe.ops import causal_conv1d, causal_conv1d_reference, selective_scan, selective_scan_ref
+from lethe.ops.scan_chunked import scan_chunked
 
 # every implementation but the reference; the CUDA kernel runs on a GPU only (`make test-gpu`)
 FAST_IMPLS = [impl for impl in CPU_SCAN_IMPLS if impl != "reference"] + [pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -220,7 +219,7 @@ def test_reference_matches_closed_form_lti():
     delta = torch.full((b, d, l), 0.3, dtype=torch.float64)
     A = -torch.rand(d, n, generator=g, dtype=torch.float64)
     Bv, Cv = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
-    y, _ = scan_reference(u, delta, A, Bv[None, :, None].expand(b, n, l), Cv[None, :, None].expand(b, n, l))
+    y, _ = selective_scan_ref(u, delta, A, Bv[None, :, None].expand(b, n, l), Cv[None, :, None].expand(b, n, l), delta_softplus=False)
     kernel = torch.stack([(Cv * torch.exp(0.3 * A * k) * 0.3 * Bv).sum(-1) for k in range(l)], -1)  # (d, l)
     expected = torch.stack(
         [sum(kernel[:, k] * u[0, :, t - k] for k in range(t + 1)) for t in range(l)], -1

@@ -6,8 +6,7 @@ import json
 import pytest
 import yaml
 
-from helpers import run_script
-from test_train import SMOKE
+from helpers import SMOKE, run_script
 
 SHORT = ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
          "scheduler.warmup_steps=1"]

@@ -4,22 +4,21 @@ inputs, the accuracy counts answers only (a perfect oracle scores 100%, a consta
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
+from helpers import BYTE_TOKENIZER, data_config
 from lethe.config import instantiate
 from lethe.errors import ConfigError
-from lethe.training.module import summed_nll
-from test_training_parts import CONF
+from lethe.metrics import summed_nll
 
 LENGTH = 48
 
 
 def datamodule(name, seq_len=LENGTH, **overrides):
-    cfg = OmegaConf.load(CONF / "data" / f"{name}.yaml")
+    cfg = data_config(name)
     cfg.seed = 7
     cfg.num_examples = {"train": 1000, "val": 256, "test": 256}
     cfg.merge_with(overrides)
-    dm = instantiate(cfg, tokenizer={"kind": "byte"}, seq_len=seq_len, cache_dir="/nonexistent", _recursive_=False)
+    dm = instantiate(cfg, tokenizer=BYTE_TOKENIZER, seq_len=seq_len, cache_dir="/nonexistent", _recursive_=False)
     dm.setup()
     return dm
 

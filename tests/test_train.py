@@ -1,78 +1,20 @@
 """train.py and eval.py end to end: real runs on a small slice of the embedded corpus."""
 
-import csv
 import json
 import math
-import os
-import struct
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from helpers import run_script
+from helpers import SMALL_DATA, SMOKE, logged, offline_wandb_env, options, read_wandb_run, run_script, train_losses
+from helpers import train_smoke as train
 from lethe.config import validate
 from lethe.errors import ConfigError
 from lethe.training.schedule import warmup_cosine_factor
-from test_training_parts import compose_train, options
-
-# A small, fast slice of the stdlib corpus; every run shares its token cache.
-SMALL_DATA = ["data.source.max_bytes=400000", "data.num_proc=1"]
-SMOKE = ["experiment=smoke", "logger=csv", *SMALL_DATA]
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
-def train(run_dir, data_dir, *overrides, **kwargs):
-    return run_script("train.py", *SMOKE, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", *overrides, **kwargs)
-
-
-def logged(run_dir, name) -> dict:
-    """{step: value} of one metric in the run's CSV log (the rows that carry it)."""
-    with open(Path(run_dir) / "csv" / "metrics.csv") as f:
-        return {int(r["step"]): float(r[name]) for r in csv.DictReader(f) if r.get(name)}
-
-
-def train_losses(run_dir) -> dict:
-    return logged(run_dir, "train/loss")
-
-
-def offline_wandb_env(tmp_path) -> dict:
-    """No WANDB_* variable (the tests' WANDB_MODE=disabled included) and no API key: what wandb
-    does is then the config's own choice. Settings go to an empty directory, so a user's
-    ~/.config/wandb cannot switch the mode either."""
-    return {**{k: None for k in os.environ if k.startswith("WANDB_")}, "WANDB_MODE": None, "WANDB_API_KEY": None,
-            "WANDB_CONFIG_DIR": str(tmp_path / "wandb-settings")}
-
-
-def wandb_config(offline_run: Path) -> dict:
-    """The config recorded in an offline run's log (run-<id>.wandb, what `wandb sync` uploads).
-    The file is a LevelDB-style log: 32 KiB blocks of chunks, each behind a 7-byte header (crc32,
-    length, type: 1 whole record, 2/3/4 its first/middle/last part) holding protobuf Records."""
-    from wandb.proto import wandb_internal_pb2
-
-    (path,) = offline_run.glob("run-*.wandb")
-    data, pos, record, config = path.read_bytes(), 7, b"", {}  # 7: the file's own header
-    assert data[:4] == b":W&B", path
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # too little left in the block for a header: padding
-            pos += 32768 - pos % 32768
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        record, pos = record + data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind in (1, 4):
-            parsed = wandb_internal_pb2.Record.FromString(record)
-            updates = {"run": parsed.run.config.update, "config": parsed.config.update}.get(parsed.WhichOneof("record_type"), [])
-            config.update({item.key: json.loads(item.value_json) for item in updates})
-            record = b""
-    config.pop("_wandb", None)  # wandb's own bookkeeping
-    return config
-
-
+@pytest.mark.slow
 # ---- discoverability and config errors ---------------------------------------------------
 def test_help_lists_groups_and_cfg_job_prints_config():
     out = run_script("train.py", "--help").stdout
@@ -83,6 +25,7 @@ def test_help_lists_groups_and_cfg_job_prints_config():
     assert "_target_: lethe.models.TransformerLM" in job and "seq_len: 256" in job
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,expected", [
     ("model.not_a_key=1", "Key 'not_a_key' is not in struct"),
     ("model=mamba-huge", "Could not find 'model/mamba-huge'"),
@@ -92,6 +35,7 @@ def test_unknown_keys_and_options_fail_with_hydras_message(override, expected):
     assert proc.returncode != 0 and expected in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,key", [
     ("seq_len=0", "seq_len"),
     ("model.d_state=0", "model.d_state"),
@@ -133,7 +77,7 @@ def test_out_of_range_values_fail_in_one_line(tmp_path, data_dir, override, key)
     ("data.eval_batch_size=0", "data.eval_batch_size"),
     ("data.num_workers=-1", "data.num_workers"),
 ])
-def test_config_checks_name_the_key_and_its_valid_range(override, key):
+def test_config_checks_name_the_key_and_its_valid_range(override, key, compose_train):
     with pytest.raises(ConfigError) as exc:
         validate(compose_train(*SMOKE, override))
     message = str(exc.value)
@@ -147,10 +91,11 @@ def test_config_checks_name_the_key_and_its_valid_range(override, key):
     [*SMOKE, "optim.betas=[0.0,0.999]", "optim.eps=1e-12", "trainer.limit_val_batches=1", "trainer.limit_test_batches=0"],
     [*SMOKE, "trainer.limit_val_batches=1.0", "trainer.limit_test_batches=0.5", "optim.weight_decay=0", "scheduler.min_lr=0"],
 ])
-def test_valid_configs_pass_the_checks(overrides):
+def test_valid_configs_pass_the_checks(overrides, compose_train):
     validate(compose_train(*overrides))
 
 
+@pytest.mark.slow
 def test_sequence_longer_than_transformer_allows(tmp_path, data_dir):
     proc = train(tmp_path / "run", data_dir, "model=transformer-tiny", "model.max_seq_len=32", check=False)
     assert proc.returncode == 2 and "model.max_seq_len=32" in proc.stderr and "Traceback" not in proc.stderr
@@ -273,7 +218,7 @@ def test_multirun_gives_each_job_its_own_dir(tmp_path, data_dir):
         assert cfg["paths"]["output_dir"] == cfg["logger"]["wandb"]["save_dir"] == cfg["logger"]["csv"]["save_dir"] == str(run)
         assert logged(run, "train/lr")[1] == pytest.approx(lr, rel=1e-6)  # the rate it trained at (warmup 1: the peak)
         (offline,) = (run / "wandb").glob("offline-run-*")
-        recorded = wandb_config(offline)
+        recorded = read_wandb_run(offline)["config"]
         assert (recorded["model"]["_target_"], recorded["optim"]["lr"]) == (model, lr), offline
     assert jobs == {(f"lethe.models.{m}", lr) for m in ("MambaLM", "TransformerLM") for lr in (1e-3, 3e-3)}
 
@@ -312,8 +257,10 @@ def test_default_logger_writes_an_offline_wandb_run(tmp_path, data_dir):
     assert not list((run_dir / "wandb").glob("run-*"))  # what an online run would have made
     assert f"wandb sync {offline[0]}" in proc.stdout
     # the whole resolved config is logged into the run, as saved beside it
-    recorded = wandb_config(offline[0])
+    run = read_wandb_run(offline[0])
+    recorded = run["config"]
     assert recorded == yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert run["state"] == "finished" and run["project"] == "lethe" and run["summary"]["val/loss"] > 0
     assert recorded["logger"]["wandb"]["offline"] is True and recorded["optim"]["lr"] == 3e-3
     assert (run_dir / "csv" / "metrics.csv").is_file()  # the CSV copy rides along
 

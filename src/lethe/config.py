@@ -1,30 +1,97 @@
 """Config checks and instantiation with one-line errors.
 
 Hydra already rejects unknown keys and unknown group options with a clear message; this module
-adds range checks on values and unwraps errors raised inside `instantiate`, so the user sees the
+adds range checks on values, refuses a setting the instantiated class or function does not take
+(`+optim.lrr=1`) by name, and unwraps errors raised inside `instantiate`, so the user sees the
 model's own one-line ConfigError instead of Hydra's wrapped traceback.
 """
 
+import functools
+import inspect
+import re
 from pathlib import Path
 
 import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from lethe.errors import ConfigError, LetheError
+from lethe.errors import ConfigError, LetheError, require
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+_UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
 
 
-def instantiate(cfg, *args, **kwargs):
-    """hydra.utils.instantiate, re-raising a LetheError from the constructed object as itself."""
+def _settings_of(target) -> str:
+    """The keyword settings a callable takes, for the message that names a wrong one."""
     try:
-        return hydra.utils.instantiate(cfg, *args, **kwargs)
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return ""
+    parameters = list(parameters)
+    keyword, either = inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD
+    # functions whose settings are keyword-only (corpora, tokenizers) take their inputs positionally
+    kinds = (keyword,) if any(p.kind == keyword for p in parameters) else (keyword, either)
+    names = [p.name for p in parameters if p.kind in kinds and p.name != "self"]
+    return f" (its settings: {', '.join(names)})" if names else ""
+
+
+def _unknown_setting(key: str, target, exc: TypeError) -> ConfigError | None:
+    match = _UNEXPECTED.search(str(exc))
+    if match is None:
+        return None
+    name = getattr(target, "__qualname__", str(target))
+    where = f"{key}.{match.group(1)}" if key else match.group(1)
+    return ConfigError(f"{where} is not a setting of {name}{_settings_of(target)}; remove it or correct its name")
+
+
+def instantiate(cfg, *args, config_key: str | None = None, **kwargs):
+    """hydra.utils.instantiate, re-raising a LetheError from the constructed object as itself and
+    a setting the target does not take as a ConfigError naming `<config_key>.<setting>` (the key
+    is read off `cfg` when it is a node of a composed config). A partial (`_partial_: true`, e.g.
+    the optimizer) is checked against its target's signature now, not when it is first called."""
+    if config_key is None and isinstance(cfg, DictConfig):
+        config_key = cfg._get_full_key(None) or None
+    target = cfg.get("_target_") if hasattr(cfg, "get") else None
+    try:
+        built = hydra.utils.instantiate(cfg, *args, **kwargs)
     except InstantiationException as exc:
         cause = exc.__cause__
         while cause is not None and not isinstance(cause, LetheError):
+            if isinstance(cause, TypeError) and target and (unknown := _unknown_setting(config_key, hydra.utils.get_object(target), cause)):
+                raise unknown from None
             cause = cause.__cause__
         if cause is not None:
             raise cause from None
         raise
+    if isinstance(built, functools.partial):
+        try:
+            inspect.signature(built.func).bind_partial(*built.args, **built.keywords)
+        except TypeError as exc:
+            unknown = _unknown_setting(config_key, built.func, exc)
+            if unknown is not None:
+                raise unknown from None
+    return built
+
+
+def as_target_spec(spec: dict, legacy_kinds: dict, key: str) -> dict:
+    """A `_target_` spec, translating the older `kind:` form (still read from old checkpoints)."""
+    spec = dict(spec)
+    if "_target_" in spec or "kind" not in spec:
+        return spec
+    kind = spec.pop("kind")
+    if kind not in legacy_kinds:
+        raise ConfigError(f"{key}.kind={kind!r}; choose one of {', '.join(legacy_kinds)}")
+    return {"_target_": legacy_kinds[kind], **spec}
+
+
+def compose(config_name: str = "train", *overrides: str) -> DictConfig:
+    """A config of conf/ composed as the scripts compose it (a model size with its family's base
+    merged in, say), without Hydra's own node; no global Hydra state is left behind."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name, overrides=list(overrides))
 
 
 def _count_or_fraction(v, allow_zero: bool) -> bool:
@@ -73,8 +140,7 @@ def validate(cfg: DictConfig) -> None:
             ok = valid(value)
         except TypeError:
             ok = False
-        if not ok:
-            raise ConfigError(f"{key}={value!r} is out of range: expected {description}")
+        require(ok, key, value, description)
     warmup = OmegaConf.select(cfg, "scheduler.warmup_steps", default=0) or 0
     if warmup >= cfg.trainer.max_steps:
         raise ConfigError(

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 from lethe.config import instantiate
 from lethe.data.tokenizer import token_byte_lengths
-from lethe.errors import ConfigError, LetheError
+from lethe.errors import ConfigError, LetheError, is_int, require, require_int
+from lethe.metrics import perplexity, summed_nll
 from lethe.training.checkpoint import load_trained_model
-from lethe.training.module import perplexity, summed_nll
 
 
 def find_checkpoints(spec) -> list[Path]:
@@ -115,7 +115,7 @@ class CheckpointEvaluator:
     def datamodule(self, seq_len: int, tokenizer_dir: str):
         batch_size = max(1, self.cfg.batch_size * self.seq_len // seq_len)  # about the same tokens per batch
         datamodule = instantiate({**self.data, "eval_batch_size": batch_size},
-                                 tokenizer={"kind": "pretrained", "name": tokenizer_dir}, seq_len=seq_len,
+                                 tokenizer={"_target_": "lethe.data.tokenizer.pretrained", "name": tokenizer_dir}, seq_len=seq_len,
                                  cache_dir=self.cfg.paths.data_dir, _recursive_=False)
         datamodule.setup()
         self.fingerprint = datamodule.fingerprint
@@ -161,8 +161,8 @@ class CheckpointEvaluator:
 
 
 def evaluate_checkpoints(cfg: DictConfig) -> list[dict]:
-    if cfg.batch_size < 1 or (cfg.max_tokens is not None and cfg.max_tokens < 1):
-        raise ConfigError(f"batch_size={cfg.batch_size} and max_tokens={cfg.max_tokens} must be >= 1 (max_tokens may be null)")
+    require_int("batch_size", cfg.batch_size)
+    require(cfg.max_tokens is None or is_int(cfg.max_tokens), "max_tokens", cfg.max_tokens, "an integer >= 1, or null for whole splits")
     paths = find_checkpoints(cfg.ckpt)
     rows = []
     for i, path in enumerate(paths):

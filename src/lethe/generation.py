@@ -17,19 +17,15 @@ from collections.abc import Callable
 
 import torch
 
-from lethe.errors import ConfigError
+from lethe.errors import ConfigError, is_int, is_number, require
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float, max_new_tokens: int):
     """One-line errors for sampling settings out of range."""
-    if not temperature >= 0:
-        raise ConfigError(f"temperature={temperature} must be >= 0 (0 is greedy decoding)")
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"top_k={top_k} must be >= 1, or null for no top-k filtering")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"top_p={top_p} must be in (0, 1]; 1 keeps the whole distribution")
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    require(is_number(temperature) and temperature >= 0, "temperature", temperature, "a number >= 0 (0 is greedy decoding)")
+    require(top_k is None or is_int(top_k), "top_k", top_k, "an integer >= 1, or null for no top-k filtering")
+    require(is_number(top_p) and 0 < top_p <= 1, "top_p", top_p, "a number in (0, 1]; 1 keeps the whole distribution")
+    require(is_int(max_new_tokens), "max_new_tokens", max_new_tokens, "an integer >= 1")
 
 
 def sample_next_token(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0, generator=None):

@@ -3,7 +3,6 @@ curves read from the runs' CSV logs, and a sweep's validation perplexity against
 and (best learning rate) against model size."""
 
 import csv
-import math
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lethe.metrics import perplexity  # noqa: E402
 from lethe.report import best_per_size  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def plot_val_curves(runs: dict, path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, curve in curves.items():
-        ax.plot([s for s, _ in curve], [math.exp(min(v, 700)) for _, v in curve], marker=".", label=label)
+        ax.plot([s for s, _ in curve], [perplexity(v) for _, v in curve], marker=".", label=label)
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation perplexity")

@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lethe.errors import LetheError
+from lethe.files import atomic_write, write_text
 
 
 def _num(value, fmt):
@@ -45,8 +46,8 @@ def write_tables(rows: list[dict], columns, out_dir: Path, name: str) -> list[Pa
     """<name>.json (the full rows) and <name>.csv (the table's columns) in out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out_dir / f"{name}.json", out_dir / f"{name}.csv"
-    json_path.write_text(json.dumps(rows, indent=2, default=str) + "\n")
-    with open(csv_path, "w", newline="") as f:
+    write_text(json_path, json.dumps(rows, indent=2, default=str) + "\n")
+    with atomic_write(csv_path, "w") as f:
         writer = csv.writer(f)
         writer.writerow([header for header, _ in columns])
         writer.writerows([[cell(r) for _, cell in columns] for r in rows])
@@ -78,7 +79,8 @@ def find_failed(root) -> list[dict]:
 
 def markdown_table(runs: list[dict]) -> str:
     fingerprints = {m.get("corpus_fingerprint") for m in runs}
-    note = "" if len(fingerprints) == 1 else "\nwarning: these runs used different corpora (fingerprints differ); their numbers do not compare."
+    note = ("" if len(fingerprints) == 1 else
+            "\nwarning: these runs used different corpora (fingerprints differ); their numbers do not compare.")
     return markdown(runs, RUN_COLUMNS) + note
 
 

@@ -1,13 +1,23 @@
-"""Data pipeline: corpora (stdlib / Hub / local files), tokenizers, cached token streams, LMDataModule."""
+"""Data pipeline: corpora (stdlib / Hub / local files), tokenizers, cached token streams, LMDataModule.
 
-from lethe.data.cache import TokenBlocks, TokenCache
-from lethe.data.corpus import SPLITS, Corpus
-from lethe.data.datamodule import BlockStream, EvalShard, LMDataModule, block_permutation
-from lethe.data.sources import open_corpus
-from lethe.data.tokenizer import EOS, build_tokenizer, byte_tokenizer, load_tokenizer, tokenizer_fingerprint, train_bpe
+The names below load their module on first use (PEP 562): a tokenizer or a checkpoint can be
+read without importing the datasets library, which a GPU machine may not have.
+"""
 
-__all__ = [
-    "EOS", "SPLITS", "BlockStream", "Corpus", "EvalShard", "LMDataModule", "TokenBlocks", "TokenCache",
-    "block_permutation", "build_tokenizer", "byte_tokenizer", "load_tokenizer", "open_corpus",
-    "tokenizer_fingerprint", "train_bpe",
-]
+import importlib
+
+_HOMES = {
+    "TokenBlocks": "cache", "TokenCache": "cache",
+    "SPLITS": "corpus", "Corpus": "corpus",
+    "BlockStream": "datamodule", "EvalShard": "datamodule", "LMDataModule": "datamodule", "block_permutation": "datamodule",
+    "open_corpus": "sources",
+    "EOS": "tokenizer", "build_tokenizer": "tokenizer", "byte_tokenizer": "tokenizer", "load_tokenizer": "tokenizer",
+    "tokenizer_fingerprint": "tokenizer", "train_bpe": "tokenizer",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'lethe.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"lethe.data.{_HOMES[name]}"), name)

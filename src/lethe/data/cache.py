@@ -6,14 +6,15 @@ seq_len (input = block[:-1], labels = block[1:]), so block i and i+1 share one t
 token except the first is predicted exactly once.
 
 On disk: cache_dir/tokens/<corpus fingerprint>/<split>-<tokenizer fingerprint>.bin (raw uint16
-when the vocabulary fits, else uint32) plus a .json sidecar with the counts. The .bin is written
-to a temp file and os.replace'd, then the sidecar; a cache counts only when both are there and
-agree, so a crash never leaves a half cache that a later run would trust.
+when the vocabulary fits, else uint32) plus a .json sidecar with the counts. Both are written
+atomically (lethe.files), the .bin first; a cache counts only when both are there and agree, so a
+crash never leaves a half cache that a later run would trust.
 """
 
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,9 @@ import torch
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from lethe.data.corpus import digest
+from lethe.data.fingerprint import digest
 from lethe.data.tokenizer import document_encoder
+from lethe.files import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,6 @@ def build_cache(docs: datasets.Dataset, tokenizer, path: Path, meta: dict, num_p
     dtype = token_dtype(len(tokenizer))
     eos = tokenizer.eos_token_id
     work = path.parent / f".work-{path.stem}-{os.getpid()}"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         work.mkdir(exist_ok=True)
         ids = docs.map(
@@ -107,30 +108,24 @@ def build_cache(docs: datasets.Dataset, tokenizer, path: Path, meta: dict, num_p
             cache_file_name=str(work / "ids.arrow"), load_from_cache_file=False,
             new_fingerprint=digest(path.name, size=8), desc=f"tokenize {meta.get('split', '')}",
         )
-        num_tokens, num_documents = _write_stream(ids, tmp, dtype, eos, max_tokens, meta.get("split", ""))
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+            num_tokens, num_documents = _write_stream(ids, f, dtype, eos, max_tokens, meta.get("split", ""))
     finally:
-        tmp.unlink(missing_ok=True)
-        for f in work.glob("*"):
-            f.unlink()
-        if work.exists():
-            work.rmdir()
+        shutil.rmtree(work, ignore_errors=True)
     meta = {"format": FORMAT_VERSION, "dtype": dtype.name, "num_tokens": num_tokens, "num_documents": num_documents,
             "eos_token_id": eos, "max_tokens": max_tokens, "build_seconds": round(time.time() - start, 2), **meta}
-    sidecar_tmp = path.with_name(f".{path.stem}.json.tmp-{os.getpid()}")
-    sidecar_tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(sidecar_tmp, path.with_suffix(".json"))
+    write_json(path.with_suffix(".json"), meta)  # last: the cache counts only once its sidecar is there
     log.info("cached %s: %d tokens from %d documents in %.1fs", path, num_tokens, num_documents, meta["build_seconds"])
     return TokenCache(path, dtype, num_tokens, num_documents)
 
 
-def _write_stream(ids: datasets.Dataset, out: Path, dtype, eos: int, max_tokens, split: str):
-    """Append every document's ids and an eos to `out`; drop the final eos (separators go between
-    documents). With max_tokens, stop after exactly that many tokens."""
+def _write_stream(ids: datasets.Dataset, f, dtype, eos: int, max_tokens, split: str):
+    """Append every document's ids and an eos to the binary file `f`; drop the final eos
+    (separators go between documents). With max_tokens, stop after exactly that many tokens."""
     written = documents = 0
     capped = False
     batch = 8192
-    with open(out, "wb") as f, tqdm(total=len(ids), desc=f"pack {split}", unit=" docs") as bar:
+    with tqdm(total=len(ids), desc=f"pack {split}", unit=" docs") as bar:
         for table in ids.with_format("arrow").iter(batch_size=batch):
             column = table.column("ids").combine_chunks()
             lengths = column.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)

@@ -12,7 +12,6 @@ by hash of the file's relative path, so it is stable across runs and machines.
 import hashlib
 import json
 import logging
-import os
 import platform
 import sys
 import sysconfig
@@ -25,20 +24,13 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from lethe.data.fingerprint import digest
 from lethe.errors import ConfigError, DataError
+from lethe.files import atomic_write
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-
-
-def digest(*parts, size: int = 16) -> str:
-    """Hex digest of JSON-serializable parts (dict keys sorted), stable across runs and machines."""
-    h = hashlib.blake2b(digest_size=size)
-    for part in parts:
-        h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode())
-        h.update(b"\x00")
-    return h.hexdigest()
 
 
 @dataclass
@@ -55,6 +47,14 @@ class Corpus:
 
 
 # ---- held-out splits by document hash --------------------------------------------------------
+# For a source that does not say; each data config states its own (conf/data/*.yaml, with why).
+DEFAULT_HOLDOUT = {"val": 0.05, "test": 0.05}
+
+
+def holdout_with_defaults(holdout: dict | None) -> dict:
+    return check_holdout({**DEFAULT_HOLDOUT, **(holdout or {})})
+
+
 def check_holdout(holdout: dict) -> dict:
     """holdout: {"val": x, "test": y}; a float in [0, 1) is a fraction, an int a document count."""
     if set(holdout) - {"val", "test"}:
@@ -112,26 +112,20 @@ def carve(pool: datasets.Dataset, holdout: dict, key_column: str = "text") -> di
 
 # ---- writing documents to an Arrow file (memory-mapped by datasets, bounded memory) -------------
 def write_documents(texts, path: Path, desc: str, total=None) -> datasets.Dataset:
-    """Stream an iterable of strings into an Arrow file at `path` (temp file + os.replace, so a
+    """Stream an iterable of strings into an Arrow file at `path` (atomically, lethe.files, so a
     crash never leaves half a file) and open it memory-mapped as a datasets.Dataset."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         schema = pa.schema({"text": pa.string()})
-        try:
-            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-                batch = []
-                for text in tqdm(texts, desc=desc, unit=" docs", total=total):
-                    batch.append(text)
-                    if len(batch) == 1000:
-                        writer.write_batch(pa.record_batch([pa.array(batch, pa.string())], schema=schema))
-                        batch = []
-                if batch:
+        with atomic_write(path) as sink, pa.ipc.new_stream(sink, schema) as writer:
+            batch = []
+            for text in tqdm(texts, desc=desc, unit=" docs", total=total):
+                batch.append(text)
+                if len(batch) == 1000:
                     writer.write_batch(pa.record_batch([pa.array(batch, pa.string())], schema=schema))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+                    batch = []
+            if batch:
+                writer.write_batch(pa.record_batch([pa.array(batch, pa.string())], schema=schema))
     return datasets.Dataset.from_file(str(path))
 
 
@@ -163,12 +157,15 @@ def stdlib_files(root: Path, max_bytes=None) -> list:
     return files
 
 
-def stdlib_corpus(spec: dict, undecodable: str) -> Corpus:
-    root = Path(spec.get("root") or sysconfig.get_paths()["stdlib"])
+def stdlib_corpus(cache_dir=None, undecodable: str = "skip", *, root: str | None = None, max_bytes: int | None = None,
+                  holdout: dict | None = None) -> Corpus:
+    """The source of the running interpreter's standard library (data=stdlib, the default);
+    `cache_dir` is unused: the files are read in place."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
         raise DataError(f"stdlib corpus root {root} is not a directory; set data.source.root to a Python Lib/ directory or leave it null")
-    holdout = check_holdout({"val": 0.05, "test": 0.05, **(spec.get("holdout") or {})})
-    rels = stdlib_files(root, spec.get("max_bytes"))
+    holdout = holdout_with_defaults(holdout)
+    rels = stdlib_files(root, max_bytes)
     contents = [(root / rel).read_bytes() for rel in rels]
     # Python version is part of the name and the hash: numbers from different stdlibs never mix.
     version = f"{platform.python_implementation().lower()}{platform.python_version()}"

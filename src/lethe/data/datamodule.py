@@ -18,18 +18,23 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from lethe.data.cache import TokenBlocks, build_cache, cache_path, load_cache
-from lethe.data.corpus import SPLITS, digest
+from lethe.data.corpus import SPLITS
+from lethe.data.fingerprint import digest
 from lethe.data.sources import open_corpus
 from lethe.data.tokenizer import build_tokenizer, tokenizer_fingerprint
-from lethe.errors import ConfigError, DataError
+from lethe.errors import ConfigError, DataError, require, require_int
 
 log = logging.getLogger(__name__)
 
 
-def _rank_and_world_size():
+def rank_and_world_size(rank=None, world_size=None) -> tuple[int, int]:
+    """This process's rank and the world size: the given ones, else torch.distributed's (0, 1
+    outside a process group)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+        found = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        found = 0, 1
+    return (found[0] if rank is None else rank), (found[1] if world_size is None else world_size)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -61,9 +66,7 @@ class BlockStream(Sampler):
         return int(self._perm[offset])
 
     def __iter__(self):
-        rank, world = _rank_and_world_size()
-        rank = rank if self.rank is None else self.rank
-        world = world if self.world_size is None else self.world_size
+        rank, world = rank_and_world_size(self.rank, self.world_size)
         position = self.start() + rank
         while True:
             index = self.global_index(position)
@@ -80,9 +83,7 @@ class EvalShard(Sampler):
         self.num_blocks, self.rank, self.world_size = num_blocks, rank, world_size
 
     def _indices(self) -> range:
-        rank, world = _rank_and_world_size()
-        rank = rank if self.rank is None else self.rank
-        world = world if self.world_size is None else self.world_size
+        rank, world = rank_and_world_size(self.rank, self.world_size)
         return range(rank * self.num_blocks // world, (rank + 1) * self.num_blocks // world)
 
     def __iter__(self):
@@ -107,17 +108,15 @@ class LMDataModule(L.LightningDataModule):
     def __init__(self, source: dict, tokenizer: dict, seq_len: int, batch_size: int = 8, eval_batch_size=None,
                  num_workers: int = 0, num_proc=None, cache_dir="data", seed: int = 0, undecodable: str = "skip",
                  max_tokens=None):
-        """source: the corpus spec (lethe.data.sources); tokenizer: the tokenizer spec
-        (lethe.data.tokenizer); num_proc: datasets.map worker processes for tokenization (None:
+        """source: the corpus spec (`_target_` a corpus function, lethe.data.sources); tokenizer:
+        the tokenizer spec (`_target_` a builder, lethe.data.tokenizer); num_proc: datasets.map worker processes for tokenization (None:
         min(4, cpu count)); undecodable: skip or error on non-UTF-8 local data; max_tokens: cap on
         each split's token stream (an int, or {train, val, test: int | null})."""
         super().__init__()
         self.source_spec, self.tokenizer_spec = _plain(source), _plain(tokenizer)
-        for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}={value!r} must be a positive integer")
-        if undecodable not in ("skip", "error"):
-            raise ConfigError(f"data.undecodable={undecodable!r}; choose skip or error")
+        for key, value in (("seq_len", seq_len), ("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch_size or 1)):
+            require_int(key, value)
+        require(undecodable in ("skip", "error"), "data.undecodable", undecodable, "skip or error")
         caps = _plain(max_tokens) if isinstance(max_tokens, dict) or hasattr(max_tokens, "keys") else {s: max_tokens for s in SPLITS}
         if set(caps) - set(SPLITS) or any(v is not None and (not isinstance(v, int) or v < 1) for v in caps.values()):
             raise ConfigError(f"data.max_tokens={max_tokens!r}; use a positive int or {{train, val, test: int or null}}")
@@ -195,7 +194,6 @@ class LMDataModule(L.LightningDataModule):
         blocks = self._blocks(split)
         return DataLoader(blocks, batch_size=self.eval_batch_size, sampler=EvalShard(len(blocks)), shuffle=False,
                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
-
 
     def val_dataloader(self):
         return self.eval_dataloader("val")

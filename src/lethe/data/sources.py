@@ -1,11 +1,14 @@
-"""Corpora from the Hugging Face Hub and from local files, behind one `open_corpus(spec)`.
+"""Corpora from the Hugging Face Hub and from local files (the stdlib corpus is in corpus.py).
 
-Source spec (the `data.source` config node), by kind:
-  stdlib: root (null = this interpreter's stdlib), max_bytes, holdout
-  hub:    id, config, revision, splits {train, val, test: source split name or null}, streaming,
-          max_documents, text_column, documents, holdout
-  local:  path (file, directory, glob, list of those, or {train, val, test: ...}), text_column,
-          sample_by (txt: line|paragraph|document), max_documents, documents, holdout
+The `data.source` config node names one of the corpus functions and its settings; the data module
+calls it with the cache directory and the undecodable policy:
+
+  lethe.data.corpus.stdlib_corpus: root (null = this interpreter's stdlib), max_bytes, holdout
+  hub_corpus:   id, config, revision, splits {train, val, test: source split name or null},
+                streaming, max_documents, text_column, documents, holdout
+  local_corpus: path (file, directory, glob, list of those, or {train, val, test: ...}),
+                text_column, sample_by (txt: line|paragraph|document), max_documents, documents,
+                holdout
 A split that the source lacks (null in `splits`, or not given for local files) is carved from the
 training documents by document hash (`holdout`: a fraction or a document count per split).
 """
@@ -20,40 +23,32 @@ from pathlib import Path
 
 import datasets
 
-from lethe.data.corpus import SPLITS, Corpus, carve, check_holdout, digest, stdlib_corpus, write_documents
-from lethe.errors import ConfigError, DataError
+from lethe.files import write_bytes
+from lethe.config import as_target_spec, instantiate
+from lethe.data.corpus import SPLITS, Corpus, carve, holdout_with_defaults, write_documents
+from lethe.data.fingerprint import digest
+from lethe.errors import ConfigError, DataError, first_line
 
 log = logging.getLogger(__name__)
 
-COMMON_KEYS = {"kind", "holdout"}
-KEYS = {
-    "stdlib": {"root", "max_bytes"},
-    "hub": {"id", "config", "revision", "splits", "streaming", "max_documents", "text_column", "documents"},
-    "local": {"path", "text_column", "sample_by", "max_documents", "documents"},
-}
-DEFAULT_HOLDOUT = {"val": 0.005, "test": 0.005}
 DOCUMENT_MODES = ("rows", "wikitext_articles")
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # anything else is plain text
+# `data.source.kind: ...`, the form checkpoints written before sources became `_target_`s carry
+LEGACY_KINDS = {"stdlib": "lethe.data.corpus.stdlib_corpus", "hub": "lethe.data.sources.hub_corpus",
+                "local": "lethe.data.sources.local_corpus"}
 
 
 def open_corpus(spec: dict, cache_dir, undecodable: str = "skip") -> Corpus:
-    kind = spec.get("kind")
-    if kind not in KEYS:
-        raise ConfigError(f"data.source.kind={kind!r}; choose one of {', '.join(KEYS)}")
-    unknown = set(spec) - COMMON_KEYS - KEYS[kind]
-    if unknown:
-        raise ConfigError(f"data.source has unknown key(s) {sorted(unknown)} for kind={kind}; allowed: {sorted(COMMON_KEYS | KEYS[kind])}")
-    if kind == "stdlib":
-        return stdlib_corpus(spec, undecodable)
-    if spec.get("documents", "rows") not in DOCUMENT_MODES:
-        raise ConfigError(f"data.source.documents={spec['documents']!r}; choose one of {', '.join(DOCUMENT_MODES)}")
-    holdout = check_holdout({**DEFAULT_HOLDOUT, **(spec.get("holdout") or {})})
-    return (hub_corpus if kind == "hub" else local_corpus)(spec, holdout, Path(cache_dir), undecodable)
+    """The corpus a `data.source` spec names (its settings checked by name)."""
+    spec = as_target_spec(spec, LEGACY_KINDS, "data.source")
+    if "_target_" not in spec:
+        raise ConfigError("data.source has no _target_; choose a data group (data=stdlib, data=local, data=wikitext-103, ...)")
+    return instantiate(spec, config_key="data.source", _partial_=True, _convert_="all")(cache_dir=cache_dir, undecodable=undecodable)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
+def _check_documents(documents: str) -> None:
+    if documents not in DOCUMENT_MODES:
+        raise ConfigError(f"data.source.documents={documents!r}; choose one of {', '.join(DOCUMENT_MODES)}")
 
 
 # ---- shared finishing: text column, document grouping, document cap, carving --------------------
@@ -112,7 +107,14 @@ def _finish(given: dict, spec: dict, holdout: dict, raw_dir: Path) -> dict:
 
 
 # ---- Hugging Face Hub ---------------------------------------------------------------------
-def hub_corpus(spec, holdout, cache_dir, undecodable) -> Corpus:
+def hub_corpus(cache_dir, undecodable: str = "skip", *, id: str, config: str | None = None, revision: str | None = None,
+               splits: dict | None = None, streaming: bool = False, max_documents: int | None = None,
+               text_column: str = "text", documents: str = "rows", holdout: dict | None = None) -> Corpus:
+    """A Hub dataset by id (data=wikitext-103, tinystories, fineweb-edu-10bt)."""
+    spec = {"id": id, "config": config, "revision": revision, "splits": splits, "streaming": streaming,
+            "max_documents": max_documents, "text_column": text_column, "documents": documents}
+    _check_documents(documents)
+    holdout, cache_dir = holdout_with_defaults(holdout), Path(cache_dir)
     if not spec.get("id"):
         raise ConfigError("data.source.id is empty; give a Hub dataset id such as roneneldan/TinyStories")
     splits = {"train": "train", "val": "validation", "test": "test", **(spec.get("splits") or {})}
@@ -141,13 +143,13 @@ def _load_hub_split(spec, split: str):
         return datasets.load_dataset(spec["id"], name=spec.get("config"), revision=spec.get("revision"), split=split, streaming=bool(spec.get("streaming")))
     except ConnectionError as e:
         raise DataError(
-            f"cannot load {where}: the Hub is unreachable ({_first_line(e)}); it needs network access or a local copy: "
-            "pre-download it with network, set HF_HOME to that cache and HF_DATASETS_OFFLINE=1, or use data.source.kind=local data.source.path=<files>"
+            f"cannot load {where}: the Hub is unreachable ({first_line(e)}); it needs network access or a local copy: "
+            "pre-download it with network, set HF_HOME to that cache and HF_DATASETS_OFFLINE=1, or use data=local data.source.path=<files>"
         ) from None
     except datasets.exceptions.DatasetNotFoundError as e:
-        raise DataError(f"cannot load {where}: {_first_line(e)}; check data.source.id, or use data.source.kind=local data.source.path=<files>") from None
+        raise DataError(f"cannot load {where}: {first_line(e)}; check data.source.id, or use data=local data.source.path=<files>") from None
     except (ValueError, FileNotFoundError) as e:  # unknown config or split name, missing files
-        raise DataError(f"cannot load split '{split}' of {where}: {_first_line(e)}; check data.source.config and data.source.splits") from None
+        raise DataError(f"cannot load split '{split}' of {where}: {first_line(e)}; check data.source.config and data.source.splits") from None
 
 
 # ---- local files ------------------------------------------------------------------------
@@ -174,15 +176,19 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def local_corpus(spec, holdout, cache_dir, undecodable) -> Corpus:
-    path = spec.get("path")
+def local_corpus(cache_dir, undecodable: str = "skip", *, path, text_column: str = "text", sample_by: str = "paragraph",
+                 max_documents: int | None = None, documents: str = "rows", holdout: dict | None = None) -> Corpus:
+    """Your own files (data=local): .txt (and any other extension) as plain text, .json/.jsonl
+    and .parquet by a text column."""
+    spec = {"text_column": text_column, "sample_by": sample_by, "max_documents": max_documents, "documents": documents}
+    _check_documents(documents)
+    holdout, cache_dir = holdout_with_defaults(holdout), Path(cache_dir)
     if not path:
         raise ConfigError("data.source.path is empty; give files, a directory or a glob (e.g. data.source.path='corpus/*.txt')")
     by_split = path if isinstance(path, dict) else {"train": path}
     if set(by_split) - set(SPLITS) or "train" not in by_split:
         raise ConfigError(f"data.source.path has keys {sorted(by_split)}; use train (required), val, test")
     files = {split: _resolve(p) for split, p in by_split.items()}
-    sample_by = spec.get("sample_by", "paragraph")
     if sample_by not in ("line", "paragraph", "document"):
         raise ConfigError(f"data.source.sample_by={sample_by!r}; choose line, paragraph or document")
     # Content, not location, identifies the corpus: the same files elsewhere give the same fingerprint.
@@ -218,7 +224,7 @@ def _load_local(files, spec, sample_by, cache_dir, undecodable):
             ds = datasets.load_dataset(builder, data_files=group, split="train", cache_dir=str(cache_dir / "hf"), **kwargs)
         except Exception as e:  # malformed JSON/Parquet surfaces as a DatasetGenerationError
             cause = e.__cause__ or e
-            raise DataError(f"cannot read local {builder} files ({group[0]}{' ...' if len(group) > 1 else ''}): {_first_line(cause)}; check the file format") from None
+            raise DataError(f"cannot read local {builder} files ({group[0]}{' ...' if len(group) > 1 else ''}): {first_line(cause)}; check the file format") from None
         parts.append(_text_only(ds, spec.get("text_column", "text"), f"local {builder} file(s) {group[0]}"))
     if skipped:
         log.warning("skipped %d undecodable (non-UTF-8) line(s)/document(s) in local files (data.undecodable=skip)", skipped)
@@ -254,10 +260,7 @@ def _utf8_files(files, unit: str, undecodable: str, clean_dir: Path):
         if good:
             clean = clean_dir / digest(data, unit, size=8) / Path(f).name
             if not clean.exists():
-                clean.parent.mkdir(parents=True, exist_ok=True)
-                tmp = clean.with_name(f".{clean.name}.tmp-{os.getpid()}")
-                tmp.write_bytes((sep or b"").join(good))
-                os.replace(tmp, clean)
+                write_bytes(clean, (sep or b"").join(good))
             out.append(str(clean))
     return out, skipped
 

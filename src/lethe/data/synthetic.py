@@ -15,19 +15,15 @@ import numpy as np
 import torch
 
 from lethe.config import instantiate
-from lethe.data.corpus import SPLITS, digest
+from lethe.data.corpus import SPLITS
+from lethe.data.fingerprint import digest
 from lethe.data.datamodule import LMDataModule, _plain
 from lethe.data.tokenizer import build_tokenizer, tokenizer_fingerprint
-from lethe.errors import ConfigError
+from lethe.errors import ConfigError, require
 
 LETTERS, CAPITALS = "abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 NOISE, MARK, TRIGGER = ".", "?", "#"
 IGNORE = -1  # "no answer here", in symbol space (becomes label -100)
-
-
-def _require(ok: bool, message: str):
-    if not ok:
-        raise ConfigError(message)
 
 
 @dataclass
@@ -40,8 +36,8 @@ class SelectiveCopying:
     vocab: int = 8  # distinct data tokens
 
     def __post_init__(self):
-        _require(1 <= self.vocab <= len(LETTERS), f"data.task.vocab={self.vocab} must be in 1..{len(LETTERS)}")
-        _require(self.num_tokens >= 1, f"data.task.num_tokens={self.num_tokens} must be >= 1")
+        require(1 <= self.vocab <= len(LETTERS), "data.task.vocab", self.vocab, f"an integer in 1..{len(LETTERS)}")
+        require(self.num_tokens >= 1, "data.task.num_tokens", self.num_tokens, "an integer >= 1")
         self.alphabet = NOISE + MARK + LETTERS[: self.vocab]
         self.num_answers = self.vocab
 
@@ -67,7 +63,7 @@ class InductionHeads:
     vocab: int = 16
 
     def __post_init__(self):
-        _require(2 <= self.vocab <= len(LETTERS), f"data.task.vocab={self.vocab} must be in 2..{len(LETTERS)}")
+        require(2 <= self.vocab <= len(LETTERS), "data.task.vocab", self.vocab, f"an integer in 2..{len(LETTERS)}")
         self.alphabet = TRIGGER + LETTERS[: self.vocab]
         self.num_answers = self.vocab
 
@@ -94,9 +90,10 @@ class AssociativeRecall:
     num_values: int = 16
 
     def __post_init__(self):
-        _require(1 <= self.num_pairs <= self.num_keys <= len(LETTERS),
-                 f"data.task: need 1 <= num_pairs={self.num_pairs} <= num_keys={self.num_keys} <= {len(LETTERS)}")
-        _require(1 <= self.num_values <= len(CAPITALS), f"data.task.num_values={self.num_values} must be in 1..{len(CAPITALS)}")
+        require(1 <= self.num_keys <= len(LETTERS), "data.task.num_keys", self.num_keys, f"an integer in 1..{len(LETTERS)}")
+        require(1 <= self.num_pairs <= self.num_keys, "data.task.num_pairs", self.num_pairs,
+                f"an integer in 1..data.task.num_keys={self.num_keys} (the keys are distinct)")
+        require(1 <= self.num_values <= len(CAPITALS), "data.task.num_values", self.num_values, f"an integer in 1..{len(CAPITALS)}")
         self.alphabet = NOISE + LETTERS[: self.num_keys] + CAPITALS[: self.num_values]
         self.num_answers = self.num_values
 
@@ -162,8 +159,6 @@ class SyntheticDataModule(LMDataModule):
         if seq_len < self.task.min_length():
             raise ConfigError(f"seq_len={seq_len} is too short for {type(self.task).__name__} "
                               f"(at least {self.task.min_length()} tokens)")
-        if self.tokenizer_spec.get("kind") == "bpe":
-            raise ConfigError("synthetic tasks have no corpus to train a BPE tokenizer on; use tokenizer=byte")
         self.data_seed = data_seed
 
     def _build(self):

@@ -4,28 +4,31 @@ All three are `transformers.PreTrainedTokenizerFast`, so a run saves its tokeniz
 `save_pretrained(dir)` and evaluation reloads it with `load_tokenizer(dir)` (or
 `AutoTokenizer.from_pretrained(dir)`) without the training config.
 
-Tokenizer spec (the `tokenizer` config node), by kind:
-  byte:       (no keys) 256 byte tokens + <|endoftext|> = 257; round-trips any UTF-8 exactly
-  bpe:        vocab_size, min_frequency, max_train_documents; byte-level BPE trained on the
-              training split, cached under cache_dir/tokenizers keyed by corpus + settings
-  pretrained: name (Hub id or local directory), revision
+The `tokenizer` config node names one of the builders below and its settings; the data module
+calls it with the cache directory and the corpus (`build_tokenizer`):
+  byte_level:  (no settings) 256 byte tokens + <|endoftext|> = 257; round-trips any UTF-8 exactly
+  trained_bpe: vocab_size, min_frequency, max_train_documents; byte-level BPE trained on the
+               training split, cached under cache_dir/tokenizers keyed by corpus + settings
+  pretrained:  name (Hub id or local directory), revision
 """
 
 import logging
-import os
-import shutil
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from lethe.data.corpus import digest
-from lethe.errors import ConfigError
+from lethe.config import as_target_spec, instantiate
+from lethe.data.fingerprint import digest
+from lethe.errors import ConfigError, first_line
+from lethe.files import atomic_directory
 
 log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
-KEYS = {"byte": set(), "bpe": {"vocab_size", "min_frequency", "max_train_documents"}, "pretrained": {"name", "revision"}}
+# `tokenizer.kind: ...`, the form checkpoints written before tokenizers became `_target_`s carry
+LEGACY_KINDS = {"byte": "lethe.data.tokenizer.byte_level", "bpe": "lethe.data.tokenizer.trained_bpe",
+                "pretrained": "lethe.data.tokenizer.pretrained"}
 
 
 def bytes_to_unicode() -> dict:
@@ -117,29 +120,27 @@ def document_encoder(tok: PreTrainedTokenizerFast) -> Tokenizer:
 
 
 def build_tokenizer(spec: dict, cache_dir, corpus=None) -> PreTrainedTokenizerFast:
-    kind = spec.get("kind")
-    if kind not in KEYS:
-        raise ConfigError(f"tokenizer.kind={kind!r}; choose one of {', '.join(KEYS)}")
-    unknown = set(spec) - KEYS[kind] - {"kind"}
-    if unknown:
-        raise ConfigError(f"tokenizer has unknown key(s) {sorted(unknown)} for kind={kind}; allowed: {sorted(KEYS[kind])}")
-    if kind == "byte":
-        return byte_tokenizer()
-    if kind == "pretrained":
-        return _pretrained(spec)
-    return _cached_bpe(spec, Path(cache_dir), corpus)
+    """The tokenizer a `tokenizer` spec names (its settings checked by name)."""
+    spec = as_target_spec(spec, LEGACY_KINDS, "tokenizer")
+    if "_target_" not in spec:
+        raise ConfigError("tokenizer has no _target_; choose a tokenizer group (tokenizer=byte, bpe or gpt-neox)")
+    return instantiate(spec, config_key="tokenizer", _partial_=True, _convert_="all")(cache_dir=cache_dir, corpus=corpus)
 
 
-def _pretrained(spec) -> PreTrainedTokenizerFast:
-    name = spec.get("name")
+def byte_level(cache_dir=None, corpus=None) -> PreTrainedTokenizerFast:
+    """tokenizer=byte: nothing to train or download."""
+    return byte_tokenizer()
+
+
+def pretrained(cache_dir=None, corpus=None, *, name: str, revision: str | None = None) -> PreTrainedTokenizerFast:
+    """tokenizer=gpt-neox (or any AutoTokenizer): a Hub id or a local directory with tokenizer.json."""
     if not name:
         raise ConfigError("tokenizer.name is empty; give a Hub id (EleutherAI/gpt-neox-20b) or a directory with tokenizer.json")
     try:
-        tok = AutoTokenizer.from_pretrained(str(name), revision=spec.get("revision"))
+        tok = AutoTokenizer.from_pretrained(str(name), revision=revision)
     except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ConfigError(
-            f"cannot load tokenizer '{name}' ({first}); a Hub id needs network access or a local copy: "
+            f"cannot load tokenizer '{name}' ({first_line(e, 200)}); a Hub id needs network access or a local copy: "
             "give a directory with tokenizer.json (tokenizer.name=/path/to/dir) or pre-download it and set HF_HOME"
         ) from None
     if not isinstance(tok, PreTrainedTokenizerFast):
@@ -149,22 +150,21 @@ def _pretrained(spec) -> PreTrainedTokenizerFast:
     return tok
 
 
-def _cached_bpe(spec, cache_dir: Path, corpus) -> PreTrainedTokenizerFast:
-    settings = {"vocab_size": int(spec.get("vocab_size", 8192)), "min_frequency": int(spec.get("min_frequency", 2)),
-                "max_train_documents": spec.get("max_train_documents")}
-    path = cache_dir / "tokenizers" / f"bpe-{settings['vocab_size']}-{digest(corpus.fingerprint, settings, size=8)}"
+def trained_bpe(cache_dir, corpus, *, vocab_size: int = 8192, min_frequency: int = 2,
+                max_train_documents: int | None = None) -> PreTrainedTokenizerFast:
+    """tokenizer=bpe: byte-level BPE trained on the corpus's training split once, then reused."""
+    if corpus is None:
+        raise ConfigError("tokenizer=bpe is trained on a corpus, and this data has none (synthetic tasks); use tokenizer=byte")
+    settings = {"vocab_size": int(vocab_size), "min_frequency": int(min_frequency), "max_train_documents": max_train_documents}
+    path = Path(cache_dir) / "tokenizers" / f"bpe-{settings['vocab_size']}-{digest(corpus.fingerprint, settings, size=8)}"
     if (path / "tokenizer.json").is_file():
         log.info("reusing BPE tokenizer %s", path)
         return load_tokenizer(path)
     train = corpus.load()["train"]
-    n = len(train) if settings["max_train_documents"] is None else min(len(train), settings["max_train_documents"])
+    n = len(train) if max_train_documents is None else min(len(train), max_train_documents)
     log.info("training byte-level BPE (vocab %d) on %d training documents of %s", settings["vocab_size"], n, corpus.name)
     batches = (train[i : min(i + 1000, n)]["text"] for i in range(0, n, 1000))
     tok = train_bpe(batches, settings["vocab_size"], settings["min_frequency"], length=n)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tok.save_pretrained(str(tmp))
-    try:
-        os.replace(tmp, path)  # atomic: a crash leaves no half-written tokenizer directory
-    except OSError:  # another process finished first; keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_directory(path, marker="tokenizer.json") as tmp:  # never a half-written tokenizer directory
+        tok.save_pretrained(str(tmp))
     return load_tokenizer(path)

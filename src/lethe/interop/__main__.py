@@ -2,7 +2,6 @@
 
 import argparse
 import os
-import sys
 
 DESCRIPTION = """\
 Convert between Lethe checkpoints and Hugging Face transformers directories.
@@ -49,10 +48,10 @@ def parse_args(argv):
 def main(argv=None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from lethe.errors import LetheError
+    from lethe import cli
     from lethe.interop.hf import export_checkpoint, import_pretrained
 
-    try:
+    with cli.user_errors():
         if args.command == "export":
             out = export_checkpoint(args.ckpt, args.out_dir, force=args.force)
             print(f"exported {args.ckpt} -> {out} (load with AutoModelForCausalLM.from_pretrained('{out}'))")
@@ -60,9 +59,6 @@ def main(argv=None) -> None:
             meta = import_pretrained(args.hf_dir, args.out, tokenizer_dir=args.tokenizer, force=args.force)
             name = meta["model_target"].rsplit(".", 1)[-1]
             print(f"imported {args.hf_dir} -> {args.out} ({name}, {meta['num_params']:,} parameters)")
-    except LetheError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ other side cannot represent is refused in one line rather than approximated.
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,12 +20,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, LlamaConfig, MambaConfig
 
 from lethe.data import load_tokenizer
-from lethe.errors import LetheError
+from lethe.errors import LetheError, first_line
+from lethe.files import atomic_directory
+from lethe.models import MambaLM, TransformerLM, model_target
 from lethe.models.transformer import default_d_ff
+from lethe.modules.mamba import resolve_dt_rank
 from lethe.training.checkpoint import build_model, load_trained_model, save_model_checkpoint
 
-MAMBA_TARGET = "lethe.models.mamba.MambaLM"
-TRANSFORMER_TARGET = "lethe.models.transformer.TransformerLM"
+MAMBA_TARGET, TRANSFORMER_TARGET = model_target(MambaLM), model_target(TransformerLM)
 
 
 # ---- parameter names: one Lethe parameter -> the HF tensor(s) it is made of ------------------
@@ -109,10 +109,6 @@ def special_token_ids(tokenizer) -> dict:
     return {f"{kind}_token_id": getattr(tokenizer, f"{kind}_token_id", None) for kind in ("bos", "eos", "pad")}
 
 
-def dt_rank(d_model: int, rank) -> int:
-    return math.ceil(d_model / 16) if rank == "auto" else int(rank)  # as MambaMixer resolves it
-
-
 def hf_config(model, target: str, tokenizer):
     c = model.config
     common = dict(vocab_size=model.padded_vocab_size, hidden_size=c["d_model"], num_hidden_layers=c["n_layer"],
@@ -120,7 +116,7 @@ def hf_config(model, target: str, tokenizer):
     if target == MAMBA_TARGET:
         config = MambaConfig(
             **common, state_size=c["d_state"], expand=c["expand"], conv_kernel=c["d_conv"],
-            use_bias=c["bias"], use_conv_bias=c["conv_bias"], time_step_rank=dt_rank(c["d_model"], c["dt_rank"]),
+            use_bias=c["bias"], use_conv_bias=c["conv_bias"], time_step_rank=resolve_dt_rank(c["d_model"], c["dt_rank"]),
             time_step_min=float(c["dt_min"]), time_step_max=float(c["dt_max"]), time_step_floor=float(c["dt_init_floor"]),
             layer_norm_epsilon=float(c["norm_eps"]), residual_in_fp32=c["residual_in_fp32"],
         )
@@ -169,7 +165,7 @@ def lethe_config(cfg, vocab_size: int, where: str) -> tuple[str, dict]:
         return MAMBA_TARGET, dict(
             common, d_state=cfg.state_size, d_conv=cfg.conv_kernel, expand=cfg.expand,
             # defaults written as Lethe's configs write them, so `init_from` matches model=mamba-*
-            dt_rank="auto" if rank == dt_rank(cfg.hidden_size, "auto") else rank,
+            dt_rank="auto" if rank == resolve_dt_rank(cfg.hidden_size, "auto") else rank,
             dt_min=cfg.time_step_min, dt_max=cfg.time_step_max, dt_init_floor=cfg.time_step_floor,
             conv_bias=cfg.use_conv_bias, bias=cfg.use_bias, norm_eps=cfg.layer_norm_epsilon,
             residual_in_fp32=cfg.residual_in_fp32,
@@ -215,14 +211,11 @@ def export_checkpoint(ckpt_path, out_dir, force: bool = False) -> Path:
     if (out_dir / "config.json").exists() and not force:
         raise LetheError(f"{out_dir} already holds a model (config.json); choose a new directory or pass --force")
     config = hf_config(model, target, tokenizer)
-    # Built beside the target and moved in file by file: a failed export leaves no half-written model.
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
-        save_file(to_hf_state(model, target), Path(tmp) / "model.safetensors", metadata={"format": "pt"})
+    # Built beside the target and moved in with config.json last: a failed export leaves no half-written model.
+    with atomic_directory(out_dir, marker="config.json") as tmp:
+        save_file(to_hf_state(model, target), tmp / "model.safetensors", metadata={"format": "pt"})
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        for path in Path(tmp).iterdir():
-            os.replace(path, out_dir / path.name)
     return out_dir
 
 
@@ -255,8 +248,7 @@ def import_pretrained(hf_dir, out_path, tokenizer_dir=None, force: bool = False)
     try:
         cfg = AutoConfig.from_pretrained(str(hf_dir))
     except Exception as exc:  # transformers raises many types for an unknown model_type or a bad value
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise LetheError(f"{hf_dir}/config.json could not be read as a transformers config ({first})") from None
+        raise LetheError(f"{hf_dir}/config.json could not be read as a transformers config ({first_line(exc, 200)})") from None
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else hf_dir
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise LetheError(f"{tokenizer_dir} has no tokenizer.json; a Lethe checkpoint carries its tokenizer: "

@@ -13,29 +13,21 @@ import math
 import torch
 from torch import nn
 
-from lethe.errors import ConfigError
+from lethe.errors import ConfigError, require_int, require_positive
 from lethe.modules import RMSNorm
-
-
-# ---- config validation: one line naming `model.<key>` and the valid range ----------------------
-def require(ok: bool, key: str, value, valid: str):
-    if not ok:
-        raise ConfigError(f"model.{key}={value!r} is invalid; it must be {valid}")
-
-
-def require_int(key: str, value, minimum: int = 1):
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-    require(ok, key, value, f"an integer >= {minimum}")
-
-
-def require_positive(key: str, value):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-    require(ok, key, value, "a number > 0")
 
 
 def constructor_args(frame_locals: dict) -> dict:
     """The constructor's arguments from its locals(), for `model.config` (checkpoint metadata)."""
     return {k: v for k, v in frame_locals.items() if k not in ("self", "__class__")}
+
+
+def model_target(model) -> str:
+    """The import path of a model's class where it is defined ("lethe.models.mamba.MambaLM"):
+    what checkpoints record and compare; configs may name the class by its public path
+    (lethe.models.MambaLM) and compare classes, not strings."""
+    cls = model if isinstance(model, type) else type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 class LanguageModel(nn.Module):
@@ -70,11 +62,11 @@ class LanguageModel(nn.Module):
 
     @staticmethod
     def validate_common(vocab_size, d_model, n_layer, norm_eps, pad_vocab_multiple):
-        require_int("vocab_size", vocab_size)
-        require_int("d_model", d_model)
-        require_int("n_layer", n_layer)
-        require_positive("norm_eps", norm_eps)
-        require_int("pad_vocab_multiple", pad_vocab_multiple)
+        require_int("model.vocab_size", vocab_size)
+        require_int("model.d_model", d_model)
+        require_int("model.n_layer", n_layer)
+        require_positive("model.norm_eps", norm_eps)
+        require_int("model.pad_vocab_multiple", pad_vocab_multiple)
 
     def _init_weights(self):
         for module in self.modules():
@@ -96,24 +88,21 @@ class LanguageModel(nn.Module):
         and the states advance past them: call it once with the prompt (prefill), then with one
         token at a time (decoding).
         """
-        length = input_ids.shape[1]
-        if states is None and self.max_seq_len is not None and length > self.max_seq_len:
-            raise ConfigError(
-                f"input length {length} exceeds model.max_seq_len={self.max_seq_len}; "
-                f"raise model.max_seq_len or lower seq_len"
-            )
+        if states is None:
+            self.check_length(input_ids.shape[1], "input length", "raise model.max_seq_len or lower seq_len")
         h = self.embedding(input_ids)
         for layer, state in zip(self.layers, states or [None] * len(self.layers)):
             h = layer(h, state)
         return self.lm_head(self.norm_f(h)).float()
 
+    def check_length(self, length: int, what: str, fix: str) -> None:
+        """The one guard on sequence length: a model with a max_seq_len refuses longer inputs."""
+        if self.max_seq_len is not None and length > self.max_seq_len:
+            raise ConfigError(f"{what} {length} exceeds model.max_seq_len={self.max_seq_len}; {fix}")
+
     def empty_states(self, batch_size: int, max_length: int) -> list:
         """Per-layer decoding states for sequences of up to max_length tokens in all."""
-        if self.max_seq_len is not None and max_length > self.max_seq_len:
-            raise ConfigError(
-                f"decoding {max_length} tokens (prompt + new tokens) exceeds model.max_seq_len={self.max_seq_len}; "
-                "shorten the prompt or max_new_tokens"
-            )
+        self.check_length(max_length, "decoding (prompt + new tokens)", "shorten the prompt or max_new_tokens")
         return [layer.mixer.empty_state(batch_size, max_length) for layer in self.layers]
 
     def num_params(self, exclude_embedding: bool = False) -> int:

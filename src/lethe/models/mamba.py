@@ -2,22 +2,22 @@
 
 from collections.abc import Mapping
 
-from lethe.errors import ConfigError
-from lethe.models.lm import LanguageModel, constructor_args, require, require_int, require_positive
+from lethe.errors import ConfigError, is_int, is_number, require, require_int, require_positive
+from lethe.models.lm import LanguageModel, constructor_args
 from lethe.modules import Block, MambaMixer
 from lethe.modules.mamba import ALL_SELECTIVE
-from lethe.ops import SCAN_IMPL_CHOICES, scan_kernels
+from lethe.ops import SCAN_IMPL_CHOICES
 
 
 def normalize_selective(selective) -> dict:
     """{"delta": bool, "B": bool, "C": bool}; missing keys default to selective (True)."""
     if selective is None:
         return dict(ALL_SELECTIVE)
-    require(isinstance(selective, Mapping), "selective", selective, "a mapping like {delta: true, B: true, C: true}")
+    require(isinstance(selective, Mapping), "model.selective", selective, "a mapping like {delta: true, B: true, C: true}")
     for key, value in selective.items():
         if key not in ALL_SELECTIVE:
             raise ConfigError(f"model.selective.{key} is not a selectivity switch; the switches are delta, B, C")
-        require(isinstance(value, bool), f"selective.{key}", value, "true or false")
+        require(isinstance(value, bool), f"model.selective.{key}", value, "true or false")
     return {**ALL_SELECTIVE, **selective}
 
 
@@ -48,16 +48,15 @@ class MambaLM(LanguageModel):
         selective = normalize_selective(selective)
         config = constructor_args(locals())
         self.validate_common(vocab_size, d_model, n_layer, norm_eps, pad_vocab_multiple)
-        require_int("d_state", d_state)
-        require_int("d_conv", d_conv)
-        require_int("expand", expand)
-        valid_rank = dt_rank == "auto" or (isinstance(dt_rank, int) and not isinstance(dt_rank, bool) and dt_rank >= 1)
-        require(valid_rank, "dt_rank", dt_rank, '"auto" (ceil(d_model / 16)) or an integer >= 1')
-        require_positive("dt_min", dt_min)
-        require_positive("dt_max", dt_max)
-        require(dt_min <= dt_max, "dt_min", dt_min, f"<= model.dt_max={dt_max}")
-        require(isinstance(dt_init_floor, (int, float)) and dt_init_floor >= 0, "dt_init_floor", dt_init_floor, "a number >= 0")
-        require(scan_impl in SCAN_IMPL_CHOICES, "scan_impl", scan_impl, f"one of {', '.join(SCAN_IMPL_CHOICES)}")
+        require_int("model.d_state", d_state)
+        require_int("model.d_conv", d_conv)
+        require_int("model.expand", expand)
+        require(dt_rank == "auto" or is_int(dt_rank), "model.dt_rank", dt_rank, '"auto" (ceil(d_model / 16)) or an integer >= 1')
+        require_positive("model.dt_min", dt_min)
+        require_positive("model.dt_max", dt_max)
+        require(dt_min <= dt_max, "model.dt_min", dt_min, f"<= model.dt_max={dt_max}")
+        require(is_number(dt_init_floor) and dt_init_floor >= 0, "model.dt_init_floor", dt_init_floor, "a number >= 0")
+        require(scan_impl in SCAN_IMPL_CHOICES, "model.scan_impl", scan_impl, f"one of {', '.join(SCAN_IMPL_CHOICES)}")
 
         blocks = [
             Block(
@@ -73,8 +72,3 @@ class MambaLM(LanguageModel):
             for _ in range(n_layer)
         ]
         super().__init__(config, blocks, vocab_size, d_model, norm_eps, pad_vocab_multiple)
-
-    def compile(self, *args, **kwargs):
-        # Build the fused scan kernels first: tracing can call the compiled op but not build it.
-        scan_kernels.prepare()
-        super().compile(*args, **kwargs)

@@ -10,11 +10,15 @@ so the count is the model's own, tied embedding included, at the run's vocabular
 """
 
 import torch
+from hydra.utils import get_class
 
 from lethe.config import instantiate
 from lethe.errors import ConfigError
+from lethe.models.lm import model_target
+from lethe.models.mamba import MambaLM
+from lethe.models.transformer import TransformerLM
 
-MAMBA, TRANSFORMER = "lethe.models.MambaLM", "lethe.models.TransformerLM"
+MAMBA, TRANSFORMER = model_target(MambaLM), model_target(TransformerLM)
 SHARED_KEYS = ("norm_eps", "pad_vocab_multiple", "residual_in_fp32")
 
 
@@ -66,9 +70,10 @@ class MatchedBaseline:
     def __call__(self, model_cfg: dict, vocab_size: int) -> tuple[dict, dict]:
         """(the matched model config, a report: reference/matched parameters and the gap)."""
         target = model_cfg.get("_target_")
-        if target == MAMBA:
+        family = get_class(target) if target else None
+        if family is MambaLM:
             matched = matched_transformer(model_cfg, vocab_size, self.multiple)
-        elif target == TRANSFORMER:
+        elif family is TransformerLM:
             matched = matched_mamba(model_cfg, vocab_size, self.multiple)
         else:
             raise ConfigError(f"baseline=matched needs model=mamba-* or transformer-*, not {target}")
@@ -78,8 +83,8 @@ class MatchedBaseline:
             raise ConfigError(f"the closest matched {matched['_target_'].rsplit('.', 1)[-1]} has {params:,} parameters, "
                               f"{gap:+.1%} from the reference {reference:,} (baseline.tolerance={self.tolerance}); "
                               "lower baseline.multiple or raise the tolerance")
-        report = {"reference_model": target.rsplit(".", 1)[-1], "reference_params": reference, "matched_params": params,
-                  "gap": round(gap, 5), "solved": "d_ff" if target == MAMBA else "d_model"}
+        report = {"reference_model": family.__name__, "reference_params": reference, "matched_params": params,
+                  "gap": round(gap, 5), "solved": "d_ff" if family is MambaLM else "d_model"}
         return matched, report
 
 

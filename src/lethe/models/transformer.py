@@ -2,7 +2,8 @@
 
 import math
 
-from lethe.models.lm import LanguageModel, constructor_args, require, require_int, require_positive
+from lethe.errors import require, require_int, require_positive
+from lethe.models.lm import LanguageModel, constructor_args
 from lethe.modules import Block, CausalSelfAttention, SwiGLU
 
 
@@ -31,13 +32,13 @@ class TransformerLM(LanguageModel):
     ):
         config = constructor_args(locals())
         self.validate_common(vocab_size, d_model, n_layer, norm_eps, pad_vocab_multiple)
-        require_int("n_head", n_head)
-        require(d_model % n_head == 0, "n_head", n_head, f"a divisor of model.d_model={d_model}")
-        require((d_model // n_head) % 2 == 0, "n_head", n_head, "such that d_model / n_head is even (RoPE rotates pairs)")
+        require_int("model.n_head", n_head)
+        require(d_model % n_head == 0, "model.n_head", n_head, f"a divisor of model.d_model={d_model}")
+        require((d_model // n_head) % 2 == 0, "model.n_head", n_head, "such that d_model / n_head is even (RoPE rotates pairs)")
         if d_ff is not None:
-            require_int("d_ff", d_ff)
-        require_int("max_seq_len", max_seq_len)
-        require_positive("rope_theta", rope_theta)
+            require_int("model.d_ff", d_ff)
+        require_int("model.max_seq_len", max_seq_len)
+        require_positive("model.rope_theta", rope_theta)
 
         d_ff = default_d_ff(d_model) if d_ff is None else d_ff
         blocks = [

@@ -60,6 +60,11 @@ def inverse_softplus_dt(d_inner: int, dt_min: float, dt_max: float, dt_init_floo
     return dt + torch.log(-torch.expm1(-dt))  # softplus^-1(dt) = log(exp(dt) - 1), computed stably
 
 
+def resolve_dt_rank(d_model: int, dt_rank: int | str) -> int:
+    """The rank of delta's low-rank projection: "auto" is the paper's ceil(d_model / 16)."""
+    return math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+
+
 class MambaMixer(nn.Module):
     def __init__(
         self,
@@ -79,7 +84,7 @@ class MambaMixer(nn.Module):
         super().__init__()
         self.d_inner = d_inner = expand * d_model
         self.d_state = d_state
-        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        self.dt_rank = resolve_dt_rank(d_model, dt_rank)
         self.selective = {**ALL_SELECTIVE, **(selective or {})}
         self.scan_impl = scan_impl
 

@@ -1,14 +1,14 @@
 """Pure ops: the selective scan and the causal depthwise convolution, each beside its reference."""
 
 from lethe.ops.causal_conv1d import causal_conv1d, causal_conv1d_reference
+from lethe.ops.scan_reference import selective_scan_ref
 from lethe.ops.selective_scan import SCAN_IMPL_CHOICES, resolve_scan_impl, selective_scan
-from lethe.ops.scan_reference import scan_reference
 
 __all__ = [
     "SCAN_IMPL_CHOICES",
     "causal_conv1d",
     "causal_conv1d_reference",
     "resolve_scan_impl",
-    "scan_reference",
     "selective_scan",
+    "selective_scan_ref",
 ]

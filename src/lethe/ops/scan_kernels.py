@@ -1,4 +1,5 @@
-"""The fused selective-scan kernels of `kernels/`, built on first use, behind custom ops.
+"""The fused selective-scan kernels of `kernels/` behind custom ops: the op, not the build
+(lethe.ops.kernel_build compiles the kernels on first use).
 
     y, last_state = scan_fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
 
@@ -11,150 +12,21 @@ kernels, _EagerScan), dispatching on the device to:
   cuda  kernels/selective_scan_cuda.cu: one thread block per (batch, channel), a block-wide
         parallel scan over time (kernels/README.md has the design)
 
-Each is compiled the first time it is needed (torch.utils.cpp_extension + ninja) for this
-machine only (-march=native; the local GPU's architecture), into kernels/build/ under a name
-that hashes the sources, flags and torch version, so a changed source rebuilds and an unchanged
-one loads in a second. A failed build warns once and `auto` falls back to the PyTorch scan.
-`make kernels` builds ahead of time and says what is ready.
-
 Forward saves the state entering every chunk of `CHUNK[device]` steps (batch, channels,
 n_chunks, d_state) and, with z on CUDA, the output before the gate; backward recomputes the
 rest. Nothing of size batch x channels x length x d_state is kept.
 """
 
-import hashlib
-import os
-import platform
-import shutil
-import sys
-import time
-import warnings
-from pathlib import Path
-
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-KERNEL_DIR = Path(__file__).resolve().parents[3] / "kernels"
-BUILD_DIR = Path(os.environ.get("LETHE_KERNEL_BUILD_DIR", KERNEL_DIR / "build"))
-SOURCES = {
-    "cpu": ["selective_scan_cpu.cpp"],
-    "cuda": ["selective_scan_cuda_binding.cpp", "selective_scan_cuda.cu"],
-    # the CUDA kernels' source run on CPU threads (kernels/cuda_emulation.h), float32 only: how
-    # the tests check the CUDA algorithm on machines without a GPU
-    "cuda_emulated": ["selective_scan_cuda_binding.cpp", "cuda_emulation.cpp"],
-}
+from lethe.ops.kernel_build import unavailable
+
 # Steps per saved chunk state. CUDA: 128 threads x 8 steps each (fixed in the kernel). CPU: the
 # backward's working set per chunk (decays, states, B, C and the dB/dC partial rows: 6 x 64 x 16
 # floats at d_state 16) stays in a 48 KB L1; 128-step chunks measured a ~20% slower backward.
 CHUNK = {"cpu": 64, "cuda": 1024}
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-STALE_LOCK_S = 600  # a build lock older than this was left by a killed build
-
-_status: dict[str, str | None] = {}  # device type -> None (loaded) or why the kernel is unavailable
-
-
-def _native_flags() -> list[str]:
-    machine = platform.machine().lower()
-    if machine in ("x86_64", "amd64"):
-        return ["-march=native"]
-    if machine in ("aarch64", "arm64"):
-        return ["-mcpu=native"]
-    return []
-
-
-def _cpu_fingerprint() -> str:
-    """What -march=native compiles for: a build cache shared by different CPUs must not mix them."""
-    try:
-        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(("flags", "Features")))
-    except (OSError, StopIteration):
-        return platform.processor()
-
-
-def _build_options(device_type: str) -> dict:
-    if device_type == "cpu":
-        return dict(extra_cflags=["-O3", "-fopenmp", *_native_flags()], extra_ldflags=["-fopenmp"])
-    if device_type == "cuda_emulated":
-        return dict(extra_cflags=["-O1", "-DLETHE_CUDA_EMULATION", f"-I{KERNEL_DIR}"], with_cuda=False)
-    arch = "".join(map(str, torch.cuda.get_device_capability()))
-    return dict(
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
-        with_cuda=True,
-    )
-
-
-def _library_name(device_type: str, options: dict) -> str:
-    digest = hashlib.sha256()
-    for path in [*(KERNEL_DIR / source for source in SOURCES[device_type]), *sorted(KERNEL_DIR.glob("*.h"))]:
-        digest.update(path.read_bytes())
-    extra = torch.version.cuda if device_type == "cuda" else _cpu_fingerprint()
-    digest.update(f"{options}|{torch.__version__}|{sys.version_info[:2]}|{extra}".encode())
-    return f"lethe_scan_{device_type}_{digest.hexdigest()[:12]}"
-
-
-def _ensure_ninja_on_path() -> None:
-    """cpp_extension runs `ninja` from PATH; the pip package's binary is not there unless the
-    virtualenv is activated."""
-    if shutil.which("ninja") is None:
-        try:
-            import ninja
-
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        except ImportError:
-            pass
-
-
-def _build(device_type: str) -> None:
-    """Compile (or load the cached build of) one kernel library into torch.ops.lethe_<device>."""
-    from torch.utils.cpp_extension import load
-
-    _ensure_ninja_on_path()
-    options = _build_options(device_type)
-    if device_type == "cuda":  # cpp_extension would otherwise add every visible GPU's architecture
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ".".join(map(str, torch.cuda.get_device_capability())))
-    name = _library_name(device_type, options)
-    build_dir = BUILD_DIR / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    lock = build_dir / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-        lock.unlink(missing_ok=True)  # otherwise every later build would wait on it forever
-    fresh = not any(build_dir.glob(f"{name}*.so"))
-    if fresh:
-        print(f"lethe: building the fused {device_type.upper()} selective-scan kernel (first use: seconds on CPU, about a minute for CUDA)...",
-              file=sys.stderr, flush=True)
-    sources = [str(KERNEL_DIR / source) for source in SOURCES[device_type]]
-    load(name=name, sources=sources, build_directory=str(build_dir), is_python_module=False, verbose=False, **options)
-
-
-def unavailable(device_type: str) -> str | None:
-    """None when the fused kernel for `device_type` is loaded (building it on first call), else
-    why it cannot run, in a few words. A failed build warns once, with the log's location."""
-    if device_type in _status:
-        return _status[device_type]
-    if torch.compiler.is_compiling():  # a build cannot be traced; prepare() before compiling
-        return "not built before torch.compile traced the model (call lethe.ops.scan_kernels.prepare() first)"
-    reason = None
-    if device_type not in SOURCES:
-        reason = f"there is no fused kernel for {device_type} tensors"
-    elif os.environ.get("LETHE_DISABLE_KERNELS"):
-        reason = "disabled by LETHE_DISABLE_KERNELS"
-    elif not (KERNEL_DIR / SOURCES[device_type][0]).is_file():
-        reason = f"its sources are not in {KERNEL_DIR} (install Lethe from a clone: pip install -e .)"
-    elif device_type == "cuda" and not torch.cuda.is_available():
-        reason = "no CUDA device is available"
-    else:
-        try:
-            _build(device_type)
-        except Exception as exc:  # a compiler or toolchain problem: report it, never break the import
-            log = BUILD_DIR / f"build-{device_type}.log"
-            BUILD_DIR.mkdir(parents=True, exist_ok=True)
-            log.write_text(str(exc))
-            first = next((line.strip() for line in str(exc).splitlines() if "error" in line.lower()), str(exc).strip()[-200:])
-            reason = f"its build failed ({first[:200]}); full log in {log}"
-            warnings.warn(f"lethe: the fused {device_type} scan kernel is unavailable, using the PyTorch scan: {reason}",
-                          stacklevel=2)
-    _status[device_type] = reason
-    return reason
 
 
 def _kernel_ops(device_type: str):
@@ -285,23 +157,3 @@ def scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
     y, last, _, _ = scan(u.contiguous(), like_u(delta), fp32(A), like_u(B), like_u(C), fp32(D), like_u(z),
                          fp32(delta_bias), fp32(initial_state), bool(delta_softplus))
     return y, last
-
-
-def prepare() -> dict[str, str | None]:
-    """Build or load the kernels for every device this machine has; returns `unavailable` of each.
-    torch.compile needs this done before it traces (MambaLM.compile calls it)."""
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return {device_type: unavailable(device_type) for device_type in devices}
-
-
-def main() -> None:
-    """Build (or load) every kernel this machine can run and say which are ready."""
-    start = time.perf_counter()
-    status = prepare()
-    for device_type, reason in status.items():
-        print(f"{device_type}: " + ("ready" if reason is None else f"unavailable: {reason}"))
-    print(f"({time.perf_counter() - start:.1f} s)")
-    if "cuda" not in status:
-        print("cuda: no CUDA device here (the CUDA sources are compile-checked by the test suite when nvcc is present)")
-    sys.exit(0 if all(reason is None for reason in status.values()) else 1)
-

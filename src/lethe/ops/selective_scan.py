@@ -9,27 +9,28 @@ Inputs may be float32, bfloat16 or float16: all math and the state are float32 (
 float64, for gradcheck). y comes back in u's dtype, the state in float32 (or float64).
 
 Implementations:
-  reference  sequential loop, the ground truth (ops/scan_reference.py)
+  reference  selective_scan_ref: the whole op as one sequential loop, the ground truth
+             (ops/scan_reference.py)
   chunked    chunked parallel PyTorch with a hand-written backward (ops/scan_chunked.py)
   cpu, cuda  the fused kernels of kernels/ (ops/scan_kernels.py), built on first use: softplus,
              recurrence, C contraction, D skip and gate in one pass, state kept on chip
   auto       the fused kernel for the inputs' device when it builds (float32/bfloat16/float16),
              else chunked; a single step (recurrent decoding) is the reference's few ops
-The PyTorch implementations share everything around the recurrence (softplus, D skip, SiLU
-gate) and differ only in how the linear recurrence itself is evaluated.
 """
 
 import torch
 import torch.nn.functional as F
 
 from lethe.errors import ConfigError
-from lethe.ops import scan_kernels
+from lethe.ops import kernel_build, scan_kernels
 from lethe.ops.scan_chunked import scan_chunked
-from lethe.ops.scan_reference import scan_reference
+from lethe.ops.scan_reference import selective_scan_ref
 
-SCAN_IMPLS = {"reference": scan_reference, "chunked": scan_chunked}
 FUSED_IMPLS = ("cpu", "cuda")
-SCAN_IMPL_CHOICES = ("auto", *SCAN_IMPLS, *FUSED_IMPLS)
+SCAN_IMPL_CHOICES = ("auto", "reference", "chunked", *FUSED_IMPLS)
+# torch.compile runs this at trace time and keeps its answer as a constant: the first traced call
+# builds the kernel (outside the graph), so nothing has to prepare the kernels before compiling.
+kernel_unavailable = torch.compiler.assume_constant_result(kernel_build.unavailable)
 
 
 def resolve_scan_impl(impl: str, device: torch.device, length: int | None = None, dtype=torch.float32) -> str:
@@ -38,7 +39,7 @@ def resolve_scan_impl(impl: str, device: torch.device, length: int | None = None
     if impl == "auto":
         if length == 1:  # one decoding step is the recurrence itself: a few ops, the least overhead
             return "reference"
-        if dtype in scan_kernels.KERNEL_DTYPES and device_type in FUSED_IMPLS and scan_kernels.unavailable(device_type) is None:
+        if dtype in scan_kernels.KERNEL_DTYPES and device_type in FUSED_IMPLS and kernel_unavailable(device_type) is None:
             return device_type
         return "chunked"
     if impl not in SCAN_IMPL_CHOICES:
@@ -49,7 +50,7 @@ def resolve_scan_impl(impl: str, device: torch.device, length: int | None = None
         if dtype not in scan_kernels.KERNEL_DTYPES:
             raise ConfigError(f"model.scan_impl={impl!r} takes float32, bfloat16 or float16 inputs, not {dtype}; "
                               "use scan_impl=chunked or reference")
-        reason = scan_kernels.unavailable(impl)
+        reason = kernel_unavailable(impl)
         if reason is not None:
             raise ConfigError(f"model.scan_impl={impl!r} cannot run: {reason}; use scan_impl=auto or chunked")
     return impl
@@ -91,6 +92,13 @@ def selective_scan(
     impl = resolve_scan_impl(impl, u.device, u.shape[-1], u.dtype)
     if impl in FUSED_IMPLS:
         return scan_kernels.scan_fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    if impl == "reference":
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    return _scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+
+
+def _scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+    """The chunked recurrence (ops/scan_chunked.py) with the op's softplus, D skip and gate around it."""
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
     out_dtype = u.dtype
 
@@ -101,7 +109,7 @@ def selective_scan(
         delta_c = F.softplus(delta_c)
     state = None if initial_state is None else initial_state.to(compute)
 
-    y, last_state = SCAN_IMPLS[impl](u_c, delta_c, A.to(compute), B_c, C_c, state)
+    y, last_state = scan_chunked(u_c, delta_c, A.to(compute), B_c, C_c, state)
 
     if D is not None:
         y = y + u_c * D.to(compute)[:, None]

@@ -1,12 +1,11 @@
 """Callbacks: throughput and memory logging, and the end-of-run summary."""
 
-import json
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from tqdm import tqdm
 
 
 class ThroughputMonitor(L.Callback):
@@ -80,13 +79,5 @@ class ValidationPrinter(L.Callback):
             return
         metrics = trainer.callback_metrics
         if "val/loss" in metrics:
-            print(
-                f"[step {trainer.global_step:>6}] val loss {metrics['val/loss']:.4f}  ppl {metrics['val/ppl']:.3f}",
-                flush=True,
-            )
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+            # tqdm.write: on a line of its own above the open progress bars, not glued to one
+            tqdm.write(f"[step {trainer.global_step:>6}] val loss {metrics['val/loss']:.4f}  ppl {metrics['val/ppl']:.3f}")

@@ -6,7 +6,6 @@ nothing but the file.
 """
 
 import importlib
-import os
 import tempfile
 from pathlib import Path
 
@@ -14,29 +13,21 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lethe.errors import LetheError
+from lethe.files import atomic_write
+from lethe.models import model_target
 
 FORMAT_VERSION = 1
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file in the same directory, fsync, then rename over the target.
+    """Write to a temporary file in the same directory, fsync, then rename over it (lethe.files).
 
     A crash or a full disk mid-save leaves the previous checkpoint intact, never a torn file.
     """
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path, fsync=True) as f:
+            torch.save(checkpoint, f)
 
 
 def read_checkpoint(path) -> dict:
@@ -91,7 +82,7 @@ def checkpoint_metadata(model, tokenizer_files: dict, corpus_fingerprint=None, r
     """
     return {
         "format_version": FORMAT_VERSION,
-        "model_target": f"{type(model).__module__}.{type(model).__name__}",
+        "model_target": model_target(model),
         "model_config": model.config,
         "num_params": model.num_params(),
         "tokenizer_files": tokenizer_files,

@@ -4,29 +4,16 @@ The network itself (Mamba or Transformer++) is any module from `lethe.models`; t
 says how to train and score it.
 """
 
-import math
-
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from lethe.errors import LetheError
+from lethe.metrics import summed_nll
 from lethe.training.checkpoint import checkpoint_metadata
 
 
 class NonFiniteLossError(LetheError):
     pass
-
-
-def summed_nll(model, batch):
-    """Over a batch's scored positions (labels != -100): the summed next-token negative
-    log-likelihood, the number of scored tokens, and how many the argmax predicts right (the
-    accuracy of the synthetic tasks, whose only scored positions are their answers)."""
-    logits = model(batch["input_ids"])
-    labels = batch["labels"]
-    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100)
-    scored = labels != -100
-    return nll, scored.sum(), (logits.argmax(-1).eq(labels) & scored).sum()
 
 
 class LanguageModelTask(L.LightningModule):
@@ -73,7 +60,7 @@ class LanguageModelTask(L.LightningModule):
             return
         loss = (sums[0] / sums[1]).float()
         # Re-scoring the best checkpoint after fit must not add a false last point to the val curve.
-        to_logger = stage != "val" or self.trainer.state.fn == "fit"
+        to_logger = (stage != "val" or self.trainer.state.fn == "fit") and bool(self.trainer.loggers)
         options = dict(rank_zero_only=True, sync_dist=False, logger=to_logger)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", **options)
         self.log(f"{stage}/ppl", torch.exp(loss), prog_bar=stage == "val", **options)
@@ -114,6 +101,3 @@ class LanguageModelTask(L.LightningModule):
             self.model, self.tokenizer_files, corpus_fingerprint=self.corpus_fingerprint, run_config=self.run_config
         )
 
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else math.inf

@@ -5,6 +5,7 @@
 
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -13,14 +14,23 @@ from omegaconf import DictConfig, OmegaConf
 from lethe.config import instantiate, validate
 from lethe.data import tokenizer_fingerprint
 from lethe.errors import ConfigError, DataError
+from lethe.files import write_json
+from lethe.metrics import perplexity
+from lethe.models import model_target
 from lethe.models.matching import describe
-from lethe.training.callbacks import ThroughputMonitor, write_json_atomic
+from lethe.training.callbacks import ThroughputMonitor
 from lethe.training.checkpoint import (
-    AtomicCheckpointIO, model_state, read_checkpoint, tokenizer_files, tokenizer_from_files,
+    AtomicCheckpointIO,
+    model_state,
+    read_checkpoint,
+    tokenizer_files,
+    tokenizer_from_files,
 )
-from lethe.training.module import LanguageModelTask, perplexity
+from lethe.training.module import LanguageModelTask
 
 log = logging.getLogger(__name__)
+# Lightning 2.6 against torch 2.13's pytree: a deprecation inside Lightning, not a user's concern
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
 
 
 def build_datamodule(cfg: DictConfig):
@@ -38,17 +48,14 @@ def model_config(cfg: DictConfig, vocab_size: int) -> tuple[dict, dict | None]:
 
 def build_model(cfg: DictConfig, vocab_size: int, model_cfg: dict | None = None):
     model = instantiate(model_cfg or cfg.model, vocab_size=vocab_size, _convert_="all")
-    max_len = getattr(model, "max_seq_len", None)
-    if max_len is not None and cfg.seq_len > max_len:
-        raise ConfigError(f"seq_len={cfg.seq_len} is longer than model.max_seq_len={max_len}; lower seq_len or raise model.max_seq_len")
+    model.check_length(cfg.seq_len, "seq_len", "lower seq_len or raise model.max_seq_len")
     return model
 
 
 def check_same_model(key: str, path, meta: dict, model, fix: str) -> None:
     """The checkpoint named by config key `key` (its `lethe` metadata) must hold the configured
     model's class and constructor arguments; else a one-line error listing what differs, then `fix`."""
-    target = f"{type(model).__module__}.{type(model).__name__}"
-    if meta["model_target"] != target or meta["model_config"] != model.config:
+    if meta["model_target"] != model_target(model) or meta["model_config"] != model.config:
         changed = sorted(k for k in set(meta["model_config"]) | set(model.config)
                          if meta["model_config"].get(k) != model.config.get(k))
         raise ConfigError(
@@ -93,7 +100,7 @@ def train(cfg: DictConfig) -> dict:
     validate(cfg)
     # Lightning prints through its own handler; Hydra's root handler would print each line twice.
     logging.getLogger("lightning.pytorch").propagate = False
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in the saved config
     started = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
 
@@ -162,7 +169,7 @@ def train(cfg: DictConfig) -> dict:
         **results,
     }
     if trainer.is_global_zero:
-        write_json_atomic(output_dir / "metrics.json", metrics)
+        write_json(output_dir / "metrics.json", metrics)
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
         print_summary(metrics, output_dir, loggers)
     _finish_wandb(loggers)
@@ -175,7 +182,7 @@ def record_failure(cfg: DictConfig, error: str) -> None:
 
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(output_dir / "failed.json", {"run_name": cfg.run_name, "error": error,
+    write_json(output_dir / "failed.json", {"run_name": cfg.run_name, "error": error,
                                                    "overrides": list(HydraConfig.get().overrides.task)})
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
 

@@ -1,0 +1,71 @@
+"""Files that are never half-written: write beside the target, then rename over it.
+
+`os.replace` within one directory is atomic, so a reader (or a later run after a crash, a kill or
+a full disk) sees the old file or the new one, never a torn one. Every file Lethe writes for
+later use (checkpoints, token caches, metrics, tokenizers, exported models) goes through here.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_write(path, mode: str = "wb", fsync: bool = False):
+    """Open a temporary file beside `path` for writing; when the block ends without an error it
+    replaces `path`, else it is removed. `fsync` flushes it to the disk first (checkpoints: a
+    power cut right after the rename must not leave an empty file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path, text: str) -> None:
+    with atomic_write(path, "w") as f:
+        f.write(text)
+
+
+def write_bytes(path, data: bytes) -> None:
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+
+
+def write_json(path, data) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextmanager
+def atomic_directory(path, marker: str):
+    """Yield an empty temporary directory beside `path`; what the block writes there appears in
+    `path` when it ends without an error. A new `path` is the whole directory renamed into place;
+    an existing one (another process finished first, or an export with --force) gets the files one
+    by one, `marker` last, so a reader that waits for `marker` never sees half a directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, path)  # fails if path exists (as a non-empty directory on Linux)
+            return
+        except OSError:
+            pass
+        path.mkdir(exist_ok=True)
+        files = sorted((p for p in tmp.iterdir() if p.is_file()), key=lambda p: p.name == marker)
+        for file in files:
+            os.replace(file, path / file.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,97 @@
+"""Every shipped config builds what it says: each model option at its exact parameter count,
+each experiment preset valid and instantiable end to end (model, optimizer, schedule, trainer,
+loggers, data), each tokenizer option a working tokenizer (or a one-line reason offline)."""
+
+import pytest
+import torch
+from lightning.pytorch.loggers import Logger
+from omegaconf import OmegaConf
+
+from helpers import CONF, assert_one_line, family_params, model_config, options, write_corpus
+from lethe.config import instantiate, validate
+from lethe.data import LMDataModule
+from lethe.data.synthetic import SyntheticDataModule
+from lethe.data.tokenizer import build_tokenizer
+from lethe.errors import ConfigError
+from lethe.training.run import build_datamodule
+from lethe.training.run import model_config as run_model_config
+
+NEOX_VOCAB, BYTE_VOCAB = 50280, 257
+
+
+@pytest.mark.parametrize("name", options("model"))
+@pytest.mark.parametrize("vocab", [BYTE_VOCAB, NEOX_VOCAB])
+def test_every_model_option_has_its_architectures_parameter_count(name, vocab):
+    config = model_config(name)
+    with torch.device("meta"):  # no memory, no init: the 1.4B models in milliseconds
+        model = instantiate(config, vocab_size=vocab, _convert_="all")
+    assert model.num_params() == family_params(config, vocab), name
+
+
+def test_model_sizes_state_only_what_differs_from_their_family():
+    for name in options("model"):
+        own = OmegaConf.load(CONF / "model" / f"{name}.yaml")
+        family = own.defaults[0].split("@")[0]
+        assert family in ("family/mamba", "family/transformer"), name
+        stated = set(own) - {"defaults"}
+        assert stated <= {"d_model", "n_layer", "n_head", "d_ff"}, (name, stated)
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_preset_validates_and_builds(experiment, compose_train, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # WandbLogger(offline=True) would set it for the whole process
+    cfg = compose_train(f"experiment={experiment}", f"paths.data_dir={tmp_path / 'data'}")
+    validate(cfg)
+    vocab = NEOX_VOCAB if cfg.tokenizer._target_.endswith("pretrained") else BYTE_VOCAB
+    model_cfg, _ = run_model_config(cfg, vocab)
+    with torch.device("meta"):
+        model = instantiate(model_cfg, vocab_size=vocab, _convert_="all")
+    assert model.num_params() == family_params(model_cfg, vocab)
+    model.check_length(cfg.seq_len, "seq_len", "")  # the preset's length fits its model
+    optimizer = instantiate(cfg.optim)(params=torch.nn.Linear(2, 2).parameters())
+    schedule = instantiate(cfg.scheduler)(optimizer, total_steps=cfg.trainer.max_steps)
+    assert schedule.get_last_lr()[0] <= cfg.optim.lr
+    loggers = [instantiate(entry) for entry in (cfg.logger or {}).values()]
+    assert all(isinstance(lg, Logger) for lg in loggers)
+    if cfg.trainer.accelerator == "cpu":  # GPU trainers cannot be built on a CPU machine
+        trainer = instantiate(cfg.trainer, logger=loggers or False, enable_progress_bar=False)
+        assert trainer.max_steps == cfg.trainer.max_steps and trainer.val_check_interval == cfg.trainer.val_check_interval
+    datamodule = build_datamodule(cfg)
+    assert isinstance(datamodule, SyntheticDataModule if "task" in cfg.data else LMDataModule)
+    assert (datamodule.seq_len, datamodule.batch_size) == (cfg.seq_len, cfg.data.batch_size)
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_every_trainer_option_builds_the_trainer_it_names(trainer, compose_train):
+    cfg = compose_train(f"trainer={trainer}")
+    validate(cfg)
+    if cfg.trainer.accelerator != "cpu":  # GPU trainers cannot be built on a CPU machine
+        assert cfg.trainer.precision == "bf16-mixed"  # fp32 parameters under bf16 autocast, as the paper trains
+        return
+    built = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
+    assert built.max_steps == cfg.trainer.max_steps and built.num_devices == cfg.trainer.devices
+    assert type(built.strategy).__name__ == ("DDPStrategy" if cfg.trainer.get("strategy") == "ddp" else "SingleDeviceStrategy")
+
+
+def test_every_tokenizer_option_builds_a_tokenizer_or_says_why_not(tmp_path):
+    corpus_dir = write_corpus(tmp_path / "corpus", 200)
+    source = {"_target_": "lethe.data.sources.local_corpus", "path": str(corpus_dir / "*.jsonl"), "holdout": {"val": 5, "test": 5}}
+    corpus = instantiate(source, _partial_=True)(cache_dir=tmp_path / "cache")
+    built = {}
+    for name in options("tokenizer"):
+        spec = OmegaConf.to_container(OmegaConf.load(CONF / "tokenizer" / f"{name}.yaml"))
+        if name == "bpe":
+            spec["vocab_size"] = 300
+        if name == "gpt-neox":  # a Hub id with no network: one line that says so and how to point at a local copy
+            with pytest.raises(ConfigError) as error:
+                build_tokenizer(spec, tmp_path / "cache", corpus)
+            assert_one_line(error, "EleutherAI/gpt-neox-20b", "network", "tokenizer.name=")
+            continue
+        built[name] = build_tokenizer(spec, tmp_path / "cache", corpus)
+    assert len(built["byte"]) == 257 and len(built["bpe"]) == 300
+    text = "def f(x):\n    return x  # é"
+    for tokenizer in built.values():
+        assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+    with pytest.raises(ConfigError) as error:
+        build_tokenizer({"_target_": "lethe.data.tokenizer.trained_bpe", "vocab_sise": 300}, tmp_path, corpus)
+    assert_one_line(error, "tokenizer.vocab_sise is not a setting of trained_bpe", "vocab_size")
