@@ -13,7 +13,7 @@ from lethe.data import LMDataModule
 from lethe.data.synthetic import SyntheticDataModule
 from lethe.data.tokenizer import build_tokenizer
 from lethe.errors import ConfigError
-from lethe.training.run import build_datamodule
+from lethe.training.run import build_datamodule, build_model
 from lethe.training.run import model_config as run_model_config
 
 NEOX_VOCAB, BYTE_VOCAB = 50280, 257
@@ -95,3 +95,17 @@ def test_every_tokenizer_option_builds_a_tokenizer_or_says_why_not(tmp_path):
     with pytest.raises(ConfigError) as error:
         build_tokenizer({"_target_": "lethe.data.tokenizer.trained_bpe", "vocab_sise": 300}, tmp_path, corpus)
     assert_one_line(error, "tokenizer.vocab_sise is not a setting of trained_bpe", "vocab_size")
+
+
+@pytest.mark.parametrize("override,named", [
+    ("+optim.lrr=1", "optim.lrr is not a setting of AdamW"),  # a partial: refused when built, not at its first call
+    ("+model.d_sate=8", "model.d_sate is not a setting of MambaLM"),
+    ("+scheduler.warmup=5", "scheduler.warmup is not a setting of warmup_cosine"),
+])
+def test_a_setting_the_target_does_not_take_is_named_in_one_line(override, named, compose_train):
+    cfg = compose_train(override)
+    with pytest.raises(ConfigError) as error:
+        for node in (cfg.optim, cfg.scheduler):
+            instantiate(node)
+        build_model(cfg, BYTE_VOCAB)
+    assert_one_line(error, named, "its settings:", "remove it or correct its name")

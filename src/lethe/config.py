@@ -24,10 +24,9 @@ _UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
 def _settings_of(target) -> str:
     """The keyword settings a callable takes, for the message that names a wrong one."""
     try:
-        parameters = inspect.signature(target).parameters.values()
+        parameters = list(inspect.signature(target).parameters.values())
     except (TypeError, ValueError):
         return ""
-    parameters = list(parameters)
     keyword, either = inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD
     # functions whose settings are keyword-only (corpora, tokenizers) take their inputs positionally
     kinds = (keyword,) if any(p.kind == keyword for p in parameters) else (keyword, either)

@@ -47,7 +47,7 @@ def model_config(cfg: DictConfig, vocab_size: int) -> tuple[dict, dict | None]:
 
 
 def build_model(cfg: DictConfig, vocab_size: int, model_cfg: dict | None = None):
-    model = instantiate(model_cfg or cfg.model, vocab_size=vocab_size, _convert_="all")
+    model = instantiate(model_cfg or cfg.model, vocab_size=vocab_size, config_key="model", _convert_="all")
     model.check_length(cfg.seq_len, "seq_len", "lower seq_len or raise model.max_seq_len")
     return model
 
