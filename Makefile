@@ -11,6 +11,10 @@ PYTEST_WORKERS ?= 2
 NOW := $(shell date +%Y-%m-%d_%H-%M-%S)
 # each experiment target writes below logs/<target>/<time>/ (make compare: logs/compare/<time>/)
 EXP_DIR = logs/$@/$(NOW)
+# a sweep's report is written even when some of its jobs failed; the target then exits with the
+# sweep's status (train.py -m exits 3 when a job failed), else with the report's
+AND_THEN = ; sweep_status=$$?;
+REPORT_STATUS = || exit $$?; exit $$sweep_status
 # one line naming the make variable a target needs: $(call need,VAR,example)
 need = @test -n "$($(1))" || { echo "error: make $@ needs $(1)=<$(2)>, e.g. make $@ $(1)=$(3)" >&2; exit 2; }
 
@@ -71,16 +75,16 @@ import: install ## transformers dir -> Lethe checkpoint: make import HF=<local m
 	$(PYTHON) -m lethe.interop import $(HF) $(OUT) $(ARGS)
 
 compare: install ## mamba-tiny vs its parameter-matched Transformer++ (same data order and budget), then eval.py on both
-	$(PYTHON) train.py -m model=mamba-tiny baseline=none,matched task_name=compare hydra.sweep.dir=$(EXP_DIR) $(ARGS)
-	$(PYTHON) eval.py ckpt=$(EXP_DIR) max_tokens=262144 out_dir=$(EXP_DIR)/eval
+	$(PYTHON) train.py -m model=mamba-tiny baseline=none,matched task_name=compare hydra.sweep.dir=$(EXP_DIR) $(ARGS) $(AND_THEN) \
+	$(PYTHON) eval.py ckpt=$(EXP_DIR) max_tokens=262144 out_dir=$(EXP_DIR)/eval $(REPORT_STATUS)
 
 sweep: install ## a learning-rate sweep over both tiny models (Hydra multirun), then its report
-	$(PYTHON) train.py -m optim.lr=1e-3,3e-3 model=mamba-tiny,transformer-tiny task_name=sweep hydra.sweep.dir=$(EXP_DIR) $(ARGS)
-	$(PYTHON) eval.py sweep=$(EXP_DIR) out_dir=$(EXP_DIR)/report
+	$(PYTHON) train.py -m optim.lr=1e-3,3e-3 model=mamba-tiny,transformer-tiny task_name=sweep hydra.sweep.dir=$(EXP_DIR) $(ARGS) $(AND_THEN) \
+	$(PYTHON) eval.py sweep=$(EXP_DIR) out_dir=$(EXP_DIR)/report $(REPORT_STATUS)
 
 hparams: install ## an Optuna search over the learning rate (hparams_search=lr), then its report
-	$(PYTHON) train.py -m hparams_search=lr hydra.sweep.dir=$(EXP_DIR) $(ARGS)
-	$(PYTHON) eval.py sweep=$(EXP_DIR) out_dir=$(EXP_DIR)/report
+	$(PYTHON) train.py -m hparams_search=lr hydra.sweep.dir=$(EXP_DIR) $(ARGS) $(AND_THEN) \
+	$(PYTHON) eval.py sweep=$(EXP_DIR) out_dir=$(EXP_DIR)/report $(REPORT_STATUS)
 
 report: install ## table + plots of a sweep: make report SWEEP=<sweep dir>
 	$(call need,SWEEP,sweep directory,logs/sweep/<time>)
@@ -88,8 +92,8 @@ report: install ## table + plots of a sweep: make report SWEEP=<sweep dir>
 
 ablation: install ## selective copying with each of delta/B/C input-dependent, all, none (paper Tables 1 and 7)
 	$(PYTHON) train.py -m experiment=selective-copying hydra.sweep.dir=$(EXP_DIR) $(ARGS) \
-	  "model.selective={delta:true,B:true,C:true},{delta:false,B:false,C:false},{delta:true,B:false,C:false},{delta:false,B:true,C:false},{delta:false,B:false,C:true}"
-	$(PYTHON) eval.py sweep=$(EXP_DIR) out_dir=$(EXP_DIR)/report
+	  "model.selective={delta:true,B:true,C:true},{delta:false,B:false,C:false},{delta:true,B:false,C:false},{delta:false,B:true,C:false},{delta:false,B:false,C:true}" \
+	  $(AND_THEN) $(PYTHON) eval.py sweep=$(EXP_DIR) out_dir=$(EXP_DIR)/report $(REPORT_STATUS)
 
 induction: install ## induction heads: 2-layer Mamba vs Transformer++ trained at length 32, scored up to 4096
 	$(PYTHON) train.py experiment=induction-heads hydra.run.dir=$(EXP_DIR)/mamba $(ARGS)

@@ -23,26 +23,38 @@ ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("LETHE_ROOT", str(ROOT))
 
 
-def report_checkpoints(cfg: DictConfig, out_dir: Path) -> list[Path]:
-    from lethe.evaluation import evaluate_checkpoints, run_dir_of
+def report_checkpoints(cfg: DictConfig, out_dir: Path) -> tuple[list[Path], int]:
+    """Score every checkpoint; returns the files written and how many checkpoints failed."""
+    from lethe.evaluation import evaluate_checkpoints
     from lethe.plots import plot_lengths, plot_val_curves
-    from lethe.report import eval_columns, markdown, write_tables
+    from lethe.report import CHECKPOINT_COLUMN, EVAL_FAILED_COLUMNS, eval_columns, label_checkpoints, markdown, write_tables
+    from lethe.training.resume import run_dir_of
 
-    rows = evaluate_checkpoints(cfg)
-    columns = eval_columns(rows)
-    print(markdown(rows, columns))
-    if not cfg.get("data"):
-        for r in rows:
-            if not r["fingerprint_matches_run"]:
-                print(f"warning: {r['run']}: the data's fingerprint differs from the one it was trained on", file=sys.stderr)
-    runs = {r["run"]: run_dir_of(Path(r["ckpt"])) for r in rows}
-    written = write_tables(rows, columns, out_dir, "eval")
-    written.append(plot_lengths(rows, out_dir / "ppl_vs_length.png"))
-    written.append(plot_val_curves({k: v for k, v in runs.items() if v}, out_dir / "val_curves.png"))
-    return written
+    rows, failed = evaluate_checkpoints(cfg)
+    written = []
+    if rows:
+        label_checkpoints(rows)
+        columns = eval_columns(rows)
+        print(markdown(rows, columns))
+        if not cfg.get("data"):
+            for r in rows:
+                if not r["fingerprint_matches_run"]:
+                    print(f"warning: {r['label']}: the data's fingerprint differs from the one it was trained on", file=sys.stderr)
+        # eval.json: the scored rows, then the checkpoints that failed with their errors
+        written = write_tables(rows, [*columns, CHECKPOINT_COLUMN], out_dir, "eval", json_rows=rows + failed)
+        written.append(plot_lengths(rows, out_dir / "ppl_vs_length.png"))
+        runs = {r["label"]: run_dir_of(r["ckpt"]) for r in rows}
+        written.append(plot_val_curves({k: v for k, v in runs.items() if v}, out_dir / "val_curves.png"))
+    else:
+        written = write_tables(failed, EVAL_FAILED_COLUMNS, out_dir, "eval")
+    if failed:
+        print(f"\n{len(failed)} of {len(rows) + len(failed)} checkpoints could not be scored:\n{markdown(failed, EVAL_FAILED_COLUMNS)}")
+    return written, len(failed)
 
 
-def report_sweep(cfg: DictConfig, out_dir: Path) -> list[Path]:
+def report_sweep(cfg: DictConfig, out_dir: Path) -> tuple[list[Path], int]:
+    """Table and plots of a sweep's runs, failed trials included; returns the files written (and 0:
+    a failed trial is a result of the sweep, not a failure of the report)."""
     from lethe.plots import plot_sweep, plot_val_curves
     from lethe.report import FAILED_COLUMNS, RUN_COLUMNS, best_per_size, find_failed, find_runs, markdown, markdown_table, write_tables
 
@@ -57,7 +69,7 @@ def report_sweep(cfg: DictConfig, out_dir: Path) -> list[Path]:
     written = write_tables(runs, RUN_COLUMNS, out_dir, "sweep") + write_tables(failed, FAILED_COLUMNS, out_dir, "failed")
     written.append(plot_sweep(runs, out_dir / "sweep.png"))
     written.append(plot_val_curves({Path(m["run_dir"]).name: m["run_dir"] for m in runs}, out_dir / "val_curves.png"))
-    return written
+    return written, 0
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
@@ -69,8 +81,10 @@ def main(cfg: DictConfig) -> None:
             raise LetheError("pass one of ckpt=<file.ckpt | run or sweep directory | [list]> (score checkpoints) "
                              "or sweep=<directory> (tabulate a sweep's runs)")
         out_dir = Path(cfg.out_dir or cfg.paths.output_dir)
-        written = (report_checkpoints if cfg.ckpt else report_sweep)(cfg, out_dir)
+        written, failed = (report_checkpoints if cfg.ckpt else report_sweep)(cfg, out_dir)
         print("\nwrote " + "  ".join(str(p) for p in written if p), flush=True)
+        if failed:
+            raise LetheError(f"{failed} checkpoint(s) could not be scored (their errors are above and in {out_dir / 'eval.json'})")
 
 
 if __name__ == "__main__":

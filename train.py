@@ -7,6 +7,7 @@
 """
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -26,9 +27,11 @@ def main(cfg: DictConfig) -> float | None:
 
     from lethe import cli
     from lethe.errors import ConfigError
+    from lethe.training.resume import fold_hydra_dir, remove_if_unstarted
     from lethe.training.run import record_failure, train
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         if multirun and cfg.trainer.devices not in (1, "1"):
             # Lightning starts DDP ranks by re-running sys.argv, which cannot nest inside a sweep.
@@ -42,7 +45,12 @@ def main(cfg: DictConfig) -> float | None:
         if multirun:  # recorded as failed (failed.json; a FAIL trial for Optuna); the sweep goes on
             record_failure(cfg, message)
             return None
+        remove_if_unstarted(hydra_dir)  # a run refused before it started leaves no directory behind
         sys.exit(cli.EXIT_USER_ERROR)
+    finally:
+        fold_hydra_dir(hydra_dir, Path(cfg.paths.output_dir))  # a resumed run continued in its own directory
+    if metrics.get("interrupted"):  # a clean stop: the shell's 128 + signal number
+        sys.exit(128 + signal.Signals[metrics["interrupted"]].value)
     val_loss = metrics.get("val_loss")
     # the objective for Hydra sweepers; None, not NaN, is what the Optuna sweeper records as a failed trial
     return val_loss if val_loss is not None and math.isfinite(val_loss) else None

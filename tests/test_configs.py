@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from helpers import CONF, assert_one_line, family_params, model_config, options, write_corpus
 from lethe.config import instantiate, validate
 from lethe.data import LMDataModule
+from lethe.data.sources import open_corpus
 from lethe.data.synthetic import SyntheticDataModule
 from lethe.data.tokenizer import build_tokenizer
 from lethe.errors import ConfigError
@@ -76,7 +77,7 @@ def test_every_trainer_option_builds_the_trainer_it_names(trainer, compose_train
 def test_every_tokenizer_option_builds_a_tokenizer_or_says_why_not(tmp_path):
     corpus_dir = write_corpus(tmp_path / "corpus", 200)
     source = {"_target_": "lethe.data.sources.local_corpus", "path": str(corpus_dir / "*.jsonl"), "holdout": {"val": 5, "test": 5}}
-    corpus = instantiate(source, _partial_=True)(cache_dir=tmp_path / "cache")
+    corpus = open_corpus(source, tmp_path / "cache")
     built = {}
     for name in options("tokenizer"):
         spec = OmegaConf.to_container(OmegaConf.load(CONF / "tokenizer" / f"{name}.yaml"))

@@ -256,11 +256,20 @@ def test_missing_path_error(tmp_path):
     assert_one_line(e, str(tmp_path / "nope"), "glob")
 
 
-def test_empty_corpus_error(tmp_path):
-    (tmp_path / "empty.txt").write_text("\n\n   \n\n")
+@pytest.mark.parametrize("content", ["", "\n\n   \n\n"])
+@pytest.mark.parametrize("suffix", ["txt", "jsonl"])
+def test_empty_file_error(tmp_path, content, suffix):
+    (tmp_path / f"empty.{suffix}").write_text(content)
+    with pytest.raises(DataError) as e:  # not the datasets library's "Please pass `features`"
+        make_dm(tmp_path, {"_target_": LOCAL, "path": str(tmp_path / f"empty.{suffix}")}).setup()
+    assert_one_line(e, f"empty.{suffix} is empty (no text)", "data.source.path")
+
+
+def test_a_file_of_random_bytes_is_said_to_be_no_text(tmp_path):
+    (tmp_path / "noise.txt").write_bytes(bytes(random.Random(0).randrange(128, 256) for _ in range(20000)))
     with pytest.raises(DataError) as e:
-        make_dm(tmp_path, {"_target_": LOCAL, "path": str(tmp_path / "empty.txt")}).setup()
-    assert_one_line(e, "empty")
+        make_dm(tmp_path, {"_target_": LOCAL, "path": str(tmp_path / "noise.txt")}).setup()
+    assert_one_line(e, "noise.txt", "nothing in it is UTF-8 text", "1 paragraph(s) not valid UTF-8", "data.undecodable")
 
 
 def test_split_too_small_error(tmp_path):

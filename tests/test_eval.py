@@ -64,7 +64,8 @@ def test_eval_scores_match_an_independent_computation(compared):
             assert entry["ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
             assert entry["bpb"] == pytest.approx(nll / (math.log(2) * num_bytes), rel=1e-4)
         assert {"length": 64, **row["test"]} == row["lengths"][1]  # 1x: the split at its training length
-    assert f"| {rows[0]['run']} |" in proc.stdout and "ppl@128" in proc.stdout
+    assert f"| {rows[0]['label']} |" in proc.stdout and "ppl@128" in proc.stdout
+    assert len({r['label'] for r in rows}) == 2  # both runs are named smoke: their directories tell them apart
     with open(out / "eval.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 2 and float(table[0]["ppl@32"]) == pytest.approx(rows[0]["lengths"][0]["ppl"], rel=1e-3)

@@ -331,7 +331,7 @@ def test_init_from_refusals(tmp_path, tokenizer):
         load_initial_weights(ckpt, MambaLM(len(other), 32, 2, d_state=8), other)
     assert_one_line(exc, "different tokenizer", "tokenizer.name=")
     with pytest.raises(ConfigError) as exc:  # imported weights have nothing to resume
-        check_resumable(ckpt, tiny_mamba())
+        check_resumable(ckpt, read_checkpoint(ckpt)["lethe"], tiny_mamba())
     assert_one_line(exc, "weights only", f"init_from={ckpt}")
     model = MambaLM(257, 32, 2, d_state=8)
     load_initial_weights(ckpt, model, load_tokenizer_of(tokenizer, tmp_path))

@@ -228,8 +228,9 @@ def test_a_failing_multirun_job_does_not_stop_the_sweep(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
     proc = run_script("train.py", "-m", *SMOKE, f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}", "seq_len=0,32",
                       "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
-                      "scheduler.warmup_steps=1")
+                      "scheduler.warmup_steps=1", check=False)
     assert "error: seq_len=0 is out of range" in proc.stderr
+    assert proc.returncode == 3 and "1 of 2 sweep jobs failed" in proc.stderr  # after both ran
     assert len(list(sweep.rglob("metrics.json"))) == 1
     (failed,) = [json.loads(p.read_text()) for p in sweep.rglob("failed.json")]
     assert "seq_len=0" in failed["overrides"] and failed["error"].startswith("seq_len=0 is out of range")

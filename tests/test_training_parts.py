@@ -2,6 +2,7 @@
 
 import math
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -38,7 +39,7 @@ def test_atomic_checkpoint_never_leaves_a_torn_file(tmp_path, monkeypatch):
     io.save_checkpoint({"step": 1}, target)
 
     def crash(obj, f, *args, **kwargs):
-        f.write(b"partial bytes")
+        Path(f).write_bytes(b"partial bytes")  # torch.save is handed the temporary file's path
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
@@ -68,10 +69,15 @@ class NaNModel(torch.nn.Module):
         return torch.full((*ids.shape, 8), float("nan"))
 
 
-def test_nan_loss_stops_with_a_clear_message():
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
     task = LanguageModelTask(NaNModel(), optimizer=None, scheduler=None)
     batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": torch.zeros(2, 4, dtype=torch.long)}
-    with pytest.raises(NonFiniteLossError, match="last.ckpt.*lower optim.lr"):
+    with pytest.raises(NonFiniteLossError, match="at step 0; no checkpoint was written yet.*lower optim.lr"):
+        task.training_step(batch, 0)
+    # with a checkpoint written: its path and step, never a placeholder
+    checkpoint = type("Checkpoint", (), {"last_model_path": str(tmp_path / "last.ckpt"), "_last_saved_step": 10})()
+    task._trainer = type("Trainer", (), {"checkpoint_callback": checkpoint, "global_step": 12})()
+    with pytest.raises(NonFiniteLossError, match=rf"at step 12; the last good weights are in {tmp_path}/last.ckpt \(step 10;"):
         task.training_step(batch, 0)
 
 

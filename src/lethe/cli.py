@@ -14,6 +14,7 @@ from lethe.config import CONF_DIR as CONF
 from lethe.errors import LetheError, first_line
 
 EXIT_USER_ERROR = 2
+EXIT_FAILED_JOBS = 3  # a multirun that ran every job, some of which failed
 
 
 def error_message(exc: BaseException) -> str | None:

@@ -27,9 +27,8 @@ def _settings_of(target) -> str:
         parameters = list(inspect.signature(target).parameters.values())
     except (TypeError, ValueError):
         return ""
-    keyword, either = inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD
-    # functions whose settings are keyword-only (corpora, tokenizers) take their inputs positionally
-    kinds = (keyword,) if any(p.kind == keyword for p in parameters) else (keyword, either)
+    # positional-only parameters are the inputs the caller passes (a corpus's cache directory), not settings
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     names = [p.name for p in parameters if p.kind in kinds and p.name != "self"]
     return f" (its settings: {', '.join(names)})" if names else ""
 

@@ -17,6 +17,7 @@ tasks are generated afresh at length L (their examples, not a stream).
 
 import json
 import math
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +28,10 @@ from tqdm.auto import tqdm
 
 from lethe.config import instantiate
 from lethe.data.tokenizer import token_byte_lengths
-from lethe.errors import ConfigError, LetheError, is_int, require, require_int
+from lethe.errors import ConfigError, LetheError, first_line, is_int, is_number, require, require_int
 from lethe.metrics import perplexity, summed_nll
 from lethe.training.checkpoint import load_trained_model
+from lethe.training.resume import run_dir_of
 
 
 def find_checkpoints(spec) -> list[Path]:
@@ -49,10 +51,6 @@ def find_checkpoints(spec) -> list[Path]:
         else:
             found.append(path)  # read_checkpoint explains a missing, corrupt or foreign file
     return found
-
-
-def run_dir_of(ckpt: Path) -> Path | None:
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
 
 
 @dataclass
@@ -122,9 +120,6 @@ class CheckpointEvaluator:
         return datamodule
 
     def score_split(self, split: str, seq_len: int, tokenizer_dir: str) -> Scores:
-        max_seq_len = getattr(self.model, "max_seq_len", None)
-        if max_seq_len is not None and seq_len > max_seq_len:
-            self.model.max_seq_len = seq_len  # RoPE has no learned positions: the bound is a guard, not a limit
         loader = self.datamodule(seq_len, tokenizer_dir).eval_dataloader(split)
         max_blocks = None if self.cfg.max_tokens is None else max(1, self.cfg.max_tokens // seq_len)
         return score(self.model, loader, self.byte_lengths, max_blocks, desc=f"{self.run_name} {split} @{seq_len}")
@@ -135,8 +130,18 @@ class CheckpointEvaluator:
             if split not in ("train", "val", "test"):
                 raise ConfigError(f"split {split!r} in splits/length_split; choose train, val or test")
         lengths = sorted({max(1, round(f * self.seq_len)) for f in cfg.lengths or []})
+        max_seq_len = getattr(self.model, "max_seq_len", None)
+        if max_seq_len is not None and cfg.past_max_seq_len:
+            self.model.max_seq_len = None  # RoPE has no learned positions: the bound guards, it does not limit
+        elif max_seq_len is not None:
+            self.model.check_length(self.seq_len, "seq_len", "lower seq_len, or score it anyway with past_max_seq_len=true")
+            if past := [n for n in lengths if n > max_seq_len]:
+                print(f"warning: {self.run_name}: lengths {', '.join(map(str, past))} exceed its model.max_seq_len={max_seq_len} "
+                      "and are not scored; past_max_seq_len=true scores them (RoPE extrapolates, untrained)", file=sys.stderr)
+                lengths = [n for n in lengths if n <= max_seq_len]
         results = {"run": self.run_name, "ckpt": str(self.path), "model": self.meta["model_target"].rsplit(".", 1)[-1],
-                   "params": self.meta["num_params"], "train_seq_len": self.seq_len, "tokens_trained": self.tokens_trained()}
+                   "tokenizer": self.tokenizer_name(), "params": self.meta["num_params"], "train_seq_len": self.seq_len,
+                   "tokens_trained": self.tokens_trained()}
         with tempfile.TemporaryDirectory() as tokenizer_dir:
             # the checkpoint's own tokenizer, from its files: eval never re-trains or downloads one
             self.tokenizer.save_pretrained(tokenizer_dir)
@@ -152,6 +157,12 @@ class CheckpointEvaluator:
         results["fingerprint_matches_run"] = self.fingerprint == self.meta.get("corpus_fingerprint")
         return results
 
+    def tokenizer_name(self) -> str:
+        """Which tokenizer, in a few characters: the config's builder (or an imported one) and its size."""
+        spec = (self.meta["run_config"] or {}).get("tokenizer") or {}
+        kind = str(spec.get("_target_") or spec.get("kind") or "imported").rsplit(".", 1)[-1]
+        return f"{kind} ({len(self.tokenizer):,})"
+
     def tokens_trained(self):
         run_dir = run_dir_of(self.path)
         metrics = run_dir / "metrics.json" if run_dir else None
@@ -160,12 +171,21 @@ class CheckpointEvaluator:
         return None
 
 
-def evaluate_checkpoints(cfg: DictConfig) -> list[dict]:
+def evaluate_checkpoints(cfg: DictConfig) -> tuple[list[dict], list[dict]]:
+    """(scored rows, failures): a checkpoint that cannot be scored (missing, corrupt, foreign, no
+    data) is recorded with its one-line error and the others are still scored."""
     require_int("batch_size", cfg.batch_size)
     require(cfg.max_tokens is None or is_int(cfg.max_tokens), "max_tokens", cfg.max_tokens, "an integer >= 1, or null for whole splits")
+    for factor in cfg.lengths or []:
+        require(is_number(factor) and factor > 0, "lengths", list(cfg.lengths),
+                "multiples > 0 of the training length, e.g. [0.5,1,2,4,8] ([] turns the sweep off)")
     paths = find_checkpoints(cfg.ckpt)
-    rows = []
+    rows, failed = [], []
     for i, path in enumerate(paths):
         print(f"[{i + 1}/{len(paths)}] {path}", flush=True)
-        rows.append(CheckpointEvaluator(path, cfg).evaluate())
-    return rows
+        try:
+            rows.append(CheckpointEvaluator(path, cfg).evaluate())
+        except LetheError as exc:
+            print(f"error: {path}: {first_line(exc)}", file=sys.stderr, flush=True)
+            failed.append({"ckpt": str(path), "error": first_line(exc)})
+    return rows, failed

@@ -14,23 +14,31 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_write(path, mode: str = "wb", fsync: bool = False):
-    """Open a temporary file beside `path` for writing; when the block ends without an error it
-    replaces `path`, else it is removed. `fsync` flushes it to the disk first (checkpoints: a
-    power cut right after the rename must not leave an empty file)."""
+def atomic_path(path, fsync: bool = False):
+    """A temporary path beside `path` for a writer that opens the file itself (torch.save); when
+    the block ends without an error the file replaces `path`, else it is removed. `fsync` flushes
+    it to the disk first (checkpoints: a power cut right after the rename must not leave an
+    empty file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            if fsync:
-                f.flush()
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_write(path, mode: str = "wb", fsync: bool = False):
+    """Open a temporary file beside `path` for writing (see atomic_path)."""
+    with atomic_path(path, fsync) as tmp, open(tmp, mode) as f:
+        yield f
 
 
 def write_text(path, text: str) -> None:

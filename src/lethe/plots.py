@@ -31,7 +31,7 @@ def plot_lengths(rows: list[dict], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
         lengths = [e["length"] for e in r["lengths"]]
-        (line,) = ax.plot(lengths, [e[metric] for e in r["lengths"]], marker="o", label=f"{r['run']} ({r['model']})")
+        (line,) = ax.plot(lengths, [e[metric] for e in r["lengths"]], marker="o", label=f"{r.get('label', r['run'])} ({r['model']})")
         ax.axvline(r["train_seq_len"], color=line.get_color(), linestyle=":", alpha=0.6)
     ax.set_xscale("log", base=2)
     if metric == "ppl":

@@ -157,7 +157,7 @@ def stdlib_files(root: Path, max_bytes=None) -> list:
     return files
 
 
-def stdlib_corpus(cache_dir=None, undecodable: str = "skip", *, root: str | None = None, max_bytes: int | None = None,
+def stdlib_corpus(cache_dir=None, undecodable: str = "skip", /, *, root: str | None = None, max_bytes: int | None = None,
                   holdout: dict | None = None) -> Corpus:
     """The source of the running interpreter's standard library (data=stdlib, the default);
     `cache_dir` is unused: the files are read in place."""

@@ -43,7 +43,7 @@ def open_corpus(spec: dict, cache_dir, undecodable: str = "skip") -> Corpus:
     spec = as_target_spec(spec, LEGACY_KINDS, "data.source")
     if "_target_" not in spec:
         raise ConfigError("data.source has no _target_; choose a data group (data=stdlib, data=local, data=wikitext-103, ...)")
-    return instantiate(spec, config_key="data.source", _partial_=True, _convert_="all")(cache_dir=cache_dir, undecodable=undecodable)
+    return instantiate(spec, config_key="data.source", _partial_=True, _convert_="all")(cache_dir, undecodable)
 
 
 def _check_documents(documents: str) -> None:
@@ -107,7 +107,7 @@ def _finish(given: dict, spec: dict, holdout: dict, raw_dir: Path) -> dict:
 
 
 # ---- Hugging Face Hub ---------------------------------------------------------------------
-def hub_corpus(cache_dir, undecodable: str = "skip", *, id: str, config: str | None = None, revision: str | None = None,
+def hub_corpus(cache_dir, undecodable: str = "skip", /, *, id: str, config: str | None = None, revision: str | None = None,
                splits: dict | None = None, streaming: bool = False, max_documents: int | None = None,
                text_column: str = "text", documents: str = "rows", holdout: dict | None = None) -> Corpus:
     """A Hub dataset by id (data=wikitext-103, tinystories, fineweb-edu-10bt)."""
@@ -176,7 +176,7 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def local_corpus(cache_dir, undecodable: str = "skip", *, path, text_column: str = "text", sample_by: str = "paragraph",
+def local_corpus(cache_dir, undecodable: str = "skip", /, *, path, text_column: str = "text", sample_by: str = "paragraph",
                  max_documents: int | None = None, documents: str = "rows", holdout: dict | None = None) -> Corpus:
     """Your own files (data=local): .txt (and any other extension) as plain text, .json/.jsonl
     and .parquet by a text column."""
@@ -211,12 +211,14 @@ def _load_local(files, spec, sample_by, cache_dir, undecodable):
     groups = {}
     for f in files:
         groups.setdefault(BUILDERS.get(Path(f).suffix.lower(), "text"), []).append(f)
-    parts, skipped = [], 0
+    parts, skipped, empty, units = [], 0, [], set()
     for builder, group in groups.items():
         unit = {"text": sample_by, "json": "line", "parquet": None}[builder]
         if unit:
+            empty += [f for f in group if not _has_text(f)]
+            group = [f for f in group if f not in empty]  # the datasets library fails on an empty file
             group, n = _utf8_files(group, unit, undecodable, cache_dir / "clean")
-            skipped += n
+            skipped, units = skipped + n, units | ({unit} if n else set())
         if not group:
             continue
         kwargs = {"sample_by": sample_by} if builder == "text" else {}
@@ -228,9 +230,22 @@ def _load_local(files, spec, sample_by, cache_dir, undecodable):
         parts.append(_text_only(ds, spec.get("text_column", "text"), f"local {builder} file(s) {group[0]}"))
     if skipped:
         log.warning("skipped %d undecodable (non-UTF-8) line(s)/document(s) in local files (data.undecodable=skip)", skipped)
+    if empty:
+        log.warning("skipped %d empty file(s): %s", len(empty), ", ".join(empty[:3]))
     if not parts:
-        return datasets.Dataset.from_dict({"text": []})
+        more = f" (and {len(files) - 1} more)" if len(files) > 1 else ""
+        if skipped:
+            raise DataError(f"{files[0]}{more}: nothing in it is UTF-8 text (all of it skipped: {skipped} "
+                            f"{'/'.join(sorted(units))}(s) not valid UTF-8, data.undecodable=skip); give UTF-8 text files, "
+                            "or data.undecodable=error to see the first bad byte")
+        raise DataError(f"{files[0]}{more} is empty (no text); point data.source.path at files that hold documents")
     return datasets.concatenate_datasets(parts)
+
+
+def _has_text(path: str) -> bool:
+    """Whether a file holds anything but white space (read until the first such byte)."""
+    with open(path, "rb") as f:
+        return any(chunk.strip() for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
 def _utf8_files(files, unit: str, undecodable: str, clean_dir: Path):

@@ -124,15 +124,15 @@ def build_tokenizer(spec: dict, cache_dir, corpus=None) -> PreTrainedTokenizerFa
     spec = as_target_spec(spec, LEGACY_KINDS, "tokenizer")
     if "_target_" not in spec:
         raise ConfigError("tokenizer has no _target_; choose a tokenizer group (tokenizer=byte, bpe or gpt-neox)")
-    return instantiate(spec, config_key="tokenizer", _partial_=True, _convert_="all")(cache_dir=cache_dir, corpus=corpus)
+    return instantiate(spec, config_key="tokenizer", _partial_=True, _convert_="all")(cache_dir, corpus)
 
 
-def byte_level(cache_dir=None, corpus=None) -> PreTrainedTokenizerFast:
+def byte_level(cache_dir=None, corpus=None, /) -> PreTrainedTokenizerFast:
     """tokenizer=byte: nothing to train or download."""
     return byte_tokenizer()
 
 
-def pretrained(cache_dir=None, corpus=None, *, name: str, revision: str | None = None) -> PreTrainedTokenizerFast:
+def pretrained(cache_dir=None, corpus=None, /, *, name: str, revision: str | None = None) -> PreTrainedTokenizerFast:
     """tokenizer=gpt-neox (or any AutoTokenizer): a Hub id or a local directory with tokenizer.json."""
     if not name:
         raise ConfigError("tokenizer.name is empty; give a Hub id (EleutherAI/gpt-neox-20b) or a directory with tokenizer.json")
@@ -150,7 +150,7 @@ def pretrained(cache_dir=None, corpus=None, *, name: str, revision: str | None =
     return tok
 
 
-def trained_bpe(cache_dir, corpus, *, vocab_size: int = 8192, min_frequency: int = 2,
+def trained_bpe(cache_dir, corpus, /, *, vocab_size: int = 8192, min_frequency: int = 2,
                 max_train_documents: int | None = None) -> PreTrainedTokenizerFast:
     """tokenizer=bpe: byte-level BPE trained on the corpus's training split once, then reused."""
     if corpus is None:

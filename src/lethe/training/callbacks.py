@@ -1,11 +1,90 @@
-"""Callbacks: throughput and memory logging, and the end-of-run summary."""
+"""Callbacks (the `callbacks` config group): checkpoints, clean stops, throughput and memory
+logging, and the validation line."""
 
+import signal
 import time
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from tqdm import tqdm
+
+# the signals that stop a run cleanly: Ctrl-C, a scheduler's stop, SLURM's warning before its time limit
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """best.ckpt by the monitored metric and last.ckpt after every validation, whatever the metric
+    did. (Lightning's ModelCheckpoint rewrites last.ckpt only at a step where it also wrote a best
+    one: after a plateau a crash lost everything since the last improvement.) `save_last_now`
+    writes last.ckpt at any optimizer-step boundary: what a clean stop does."""
+
+    _last_saved_step = -1
+
+    def on_validation_end(self, trainer, pl_module):
+        super().on_validation_end(trainer, pl_module)
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.save_last_now(trainer)
+
+    def save_last_now(self, trainer) -> str:
+        if self.save_last and self._last_saved_step != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        return self.last_model_path
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates):
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_saved_step = trainer.global_step
+
+
+class CleanStop(L.Callback):
+    """SIGINT, SIGTERM and SIGUSR1 finish the current optimizer step, write last.ckpt and end fit;
+    the run driver then writes metrics.json marked interrupted and prints the command that
+    resumes. A second Ctrl-C stops at once. Every rank stops at the same step (the flag is
+    all-reduced), so none waits forever in a collective the others left."""
+
+    def __init__(self):
+        self.signal: signal.Signals | None = None  # what stopped the run, once it stopped
+        self._received: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self._received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: at once
+        if self._received is None:
+            self._received = signum
+            tqdm.write(f"{signal.Signals(signum).name}: stopping after this step, writing last.ckpt "
+                       "(Ctrl-C again stops at once, without saving)")
+
+    def on_train_start(self, trainer, pl_module):
+        # after Lightning registered its own SIGTERM handler (it would raise before our checkpoint)
+        self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        for signum in STOP_SIGNALS:  # restart system calls the signal interrupts (a checkpoint being written)
+            signal.siginterrupt(signum, False)
+
+    def on_train_end(self, trainer, pl_module):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.on_train_end(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # mid-accumulation: a checkpoint here would not resume exactly
+        received = self._received or 0
+        if trainer.world_size > 1:  # whichever rank got it, all stop here
+            flag = torch.tensor(received, device=pl_module.device)
+            received = int(trainer.strategy.reduce(flag, reduce_op="max"))
+        if not received:
+            return
+        self.signal = signal.Signals(received)
+        checkpoint = trainer.checkpoint_callback
+        if isinstance(checkpoint, BestAndLastCheckpoint):
+            checkpoint.save_last_now(trainer)
+        trainer.limit_val_batches = 0  # stop now: no validation before stopping, as Lightning would run one
+        trainer.should_stop = True
 
 
 class ThroughputMonitor(L.Callback):

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lethe.errors import LetheError
-from lethe.files import atomic_write
+from lethe.files import atomic_path
 from lethe.models import model_target
 
 FORMAT_VERSION = 1
@@ -26,8 +26,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        with atomic_write(path, fsync=True) as f:
-            torch.save(checkpoint, f)
+        # to a path, not a Python file object: torch writes it in C++, untouched by signal handlers
+        with atomic_path(path, fsync=True) as tmp:
+            torch.save(checkpoint, tmp)
 
 
 def read_checkpoint(path) -> dict:

@@ -37,15 +37,21 @@ class LanguageModelTask(L.LightningModule):
         nll, tokens, _ = summed_nll(self.model, batch)
         loss = nll / tokens
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"training loss became {loss.item()} at step {self.global_step}; the last good weights are in "
-                "<run>/checkpoints/last.ckpt; start again with a lower optim.lr or a longer scheduler.warmup_steps "
-                "(a resumed run keeps its saved optimizer and schedule)"
-            )
+            raise NonFiniteLossError(f"training loss became {loss.item()} at step {self.global_step}; {self._last_good_weights()}; "
+                                     "start again with a lower optim.lr or a longer scheduler.warmup_steps (a resumed run "
+                                     "would keep its saved optimizer and schedule)")
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach()))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
+
+    def _last_good_weights(self) -> str:
+        checkpoint = getattr(self._trainer, "checkpoint_callback", None)
+        path = getattr(checkpoint, "last_model_path", None)
+        if path:
+            step = getattr(checkpoint, "_last_saved_step", None)
+            return f"the last good weights are in {path} (step {step}; a new run can start from them with init_from={path})"
+        return "no checkpoint was written yet (one is written after every validation)"
 
     # ---- evaluation: token-weighted over the whole split, summed across ranks ----------------
     def _eval_step(self, stage, batch):

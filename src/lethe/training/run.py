@@ -3,13 +3,14 @@
     data module -> tokenizer -> model -> LightningModule -> Trainer.fit -> validate/test best
 """
 
+import json
 import logging
 import time
 import warnings
 from pathlib import Path
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lethe.config import instantiate, validate
 from lethe.data import tokenizer_fingerprint
@@ -18,7 +19,7 @@ from lethe.files import write_json
 from lethe.metrics import perplexity
 from lethe.models import model_target
 from lethe.models.matching import describe
-from lethe.training.callbacks import ThroughputMonitor
+from lethe.training.callbacks import CleanStop, ThroughputMonitor
 from lethe.training.checkpoint import (
     AtomicCheckpointIO,
     model_state,
@@ -27,10 +28,21 @@ from lethe.training.checkpoint import (
     tokenizer_from_files,
 )
 from lethe.training.module import LanguageModelTask
+from lethe.training.resume import (
+    check_same_run,
+    checkpoint_to_resume,
+    continue_in_place,
+    drop_rows_from,
+    previous_wandb_id,
+    resume_command,
+    run_dir_of,
+)
 
 log = logging.getLogger(__name__)
 # Lightning 2.6 against torch 2.13's pytree: a deprecation inside Lightning, not a user's concern
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+# a run resumed in place writes into its own checkpoints/ again: that is the point, not a mistake
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def build_datamodule(cfg: DictConfig):
@@ -64,10 +76,9 @@ def check_same_model(key: str, path, meta: dict, model, fix: str) -> None:
         )
 
 
-def check_resumable(ckpt_path, model) -> None:
-    """The checkpoint must be a training run's (imported weights have no state to resume) and
-    hold the same architecture as the configured model."""
-    meta = read_checkpoint(ckpt_path)["lethe"]
+def check_resumable(ckpt_path, meta: dict, model) -> None:
+    """The checkpoint (its `lethe` metadata) must be a training run's (imported weights have no
+    state to resume) and hold the same architecture as the configured model."""
     if meta.get("run_config") is None:
         raise ConfigError(f"ckpt_path={ckpt_path} holds weights only (no optimizer, step or data position to resume); "
                           f"start a new run from them with init_from={ckpt_path}")
@@ -102,7 +113,8 @@ def train(cfg: DictConfig) -> dict:
     logging.getLogger("lightning.pytorch").propagate = False
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in the saved config
     started = time.perf_counter()
-    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = checkpoint_to_resume(cfg)
+    output_dir = continue_in_place(cfg, ckpt_path) if ckpt_path else Path(cfg.paths.output_dir)
 
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
@@ -111,8 +123,21 @@ def train(cfg: DictConfig) -> dict:
     model = build_model(cfg, datamodule.vocab_size, model_cfg)
     if matched:
         log.info("%s %s", cfg.run_name, describe(matched))
-    if cfg.ckpt_path:
-        check_resumable(cfg.ckpt_path, model)
+    previous = {}  # metrics.json of the segments before this one
+    if ckpt_path:
+        checkpoint = read_checkpoint(ckpt_path)
+        check_resumable(ckpt_path, checkpoint["lethe"], model)
+        check_same_run(ckpt_path, checkpoint, cfg, datamodule)
+        if checkpoint["global_step"] >= cfg.trainer.max_steps:
+            print(f"{ckpt_path} holds step {checkpoint['global_step']} of trainer.max_steps={cfg.trainer.max_steps}: the run "
+                  "has finished, nothing to resume (raise trainer.max_steps to train on)", flush=True)
+            return _read_json(output_dir / "metrics.json")
+        if run_dir_of(ckpt_path) == output_dir:
+            previous = _read_json(output_dir / "metrics.json")
+            drop_rows_from(output_dir / "csv" / "metrics.csv", checkpoint["global_step"])
+            if OmegaConf.select(cfg, "logger.wandb") is not None and not cfg.logger.wandb.get("id"):
+                with open_dict(cfg):
+                    cfg.logger.wandb.id = previous_wandb_id(output_dir)  # one wandb run across segments
     if cfg.init_from:
         load_initial_weights(cfg.init_from, model, datamodule.tokenizer)
     if cfg.compile:
@@ -139,11 +164,12 @@ def train(cfg: DictConfig) -> dict:
 
     if trainer.is_global_zero:
         log.info("model %s: %s parameters", cfg.run_name, f"{model.num_params():,}")
-    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     checkpoints = _checkpoint_paths(trainer)  # before validate/test restore an older callback state
+    stop = next((c.signal for c in callbacks if isinstance(c, CleanStop) and c.signal), None)
 
     results = {}
-    if cfg.test_after_training and not trainer.interrupted:
+    if cfg.test_after_training and not stop:
         best = checkpoints.get("best")  # None without checkpointing: score the weights in memory
         # callback_metrics, not the returned dicts: the final val score is kept out of the loggers
         trainer.validate(task, datamodule=datamodule, ckpt_path=best, verbose=False)
@@ -159,15 +185,21 @@ def train(cfg: DictConfig) -> dict:
         "num_params": model.num_params(),
         "num_params_non_embedding": model.num_params(exclude_embedding=True),
         "steps": trainer.global_step,
+        # tokens and training time count every segment of a resumed run (ThroughputMonitor's state);
+        # wall time is this segment's, from start-up to the summary
         "tokens_seen": throughput.summary.get("tokens_seen") if throughput else None,
-        "wall_time_s": round(time.perf_counter() - started, 2),
         "train_time_s": throughput.summary.get("train_time_s") if throughput else None,
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "segments": previous.get("segments", 1) + 1 if previous else 1,
         "corpus_fingerprint": datamodule.fingerprint,
         "init_from": cfg.init_from,
         "matched": matched,
         "checkpoints": checkpoints,
+        "interrupted": stop.name if stop else None,
         **results,
     }
+    if stop:
+        metrics["resume_command"] = resume_command(_task_overrides(), output_dir)
     if trainer.is_global_zero:
         write_json(output_dir / "metrics.json", metrics)
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
@@ -176,14 +208,21 @@ def train(cfg: DictConfig) -> dict:
     return metrics
 
 
-def record_failure(cfg: DictConfig, error: str) -> None:
-    """failed.json in the run directory: a sweep's report lists the trial as failed, with why."""
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _task_overrides() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def record_failure(cfg: DictConfig, error: str) -> None:
+    """failed.json in the run directory: a sweep's report lists the trial as failed, with why."""
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_json(output_dir / "failed.json", {"run_name": cfg.run_name, "error": error,
-                                                   "overrides": list(HydraConfig.get().overrides.task)})
+    write_json(output_dir / "failed.json", {"run_name": cfg.run_name, "error": error, "overrides": _task_overrides()})
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
 
 
@@ -214,7 +253,9 @@ def _finish_wandb(loggers):
 def print_summary(metrics: dict, output_dir: Path, loggers) -> None:
     lines = [
         f"run          {metrics['run_name']} ({metrics['model']}, {metrics['num_params']:,} parameters)",
-        f"trained      {metrics['steps']} steps, {metrics['tokens_seen'] or 0:,} tokens, {metrics['wall_time_s']:.0f} s",
+        f"trained      {metrics['steps']} steps, {metrics['tokens_seen'] or 0:,} tokens, "
+        f"{metrics['train_time_s'] or metrics['wall_time_s']:.0f} s of training"
+        + (f" in {metrics['segments']} segments" if metrics.get("segments", 1) > 1 else ""),
     ]
     for stage in ("val", "test"):
         if f"{stage}_loss" in metrics:
@@ -232,6 +273,12 @@ def print_summary(metrics: dict, output_dir: Path, loggers) -> None:
         if type(logger).__name__ == "WandbLogger":
             run_dir = Path(logger.experiment.dir).parent if logger.experiment else None
             lines.append(f"wandb        {run_dir}")
+            if run_dir is not None and metrics.get("segments", 1) > 1:  # one offline directory per segment, one run id
+                run_dir = run_dir.parent / f"*-{run_dir.name.rsplit('-', 1)[-1]}"
             lines.append(f"             upload it with: wandb sync {run_dir}")
+    if metrics.get("interrupted"):
+        lines.append(f"stopped      by {metrics['interrupted']} after step {metrics['steps']}; last.ckpt holds it")
     width = min(100, max(map(len, lines)))
     print("\n" + "=" * width + "\n" + "\n".join(lines) + "\n" + "=" * width, flush=True)
+    if metrics.get("interrupted"):  # one line, whole, for copying
+        print(f"resume with: {metrics['resume_command']}", flush=True)
