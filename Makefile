@@ -20,17 +20,17 @@ need = @test -n "$($(1))" || { echo "error: make $@ needs $(1)=<$(2)>, e.g. make
 
 .DEFAULT_GOAL := help
 .PHONY: help install kernels train test test-fast test-gpu gpu-check gpu-wheels lint eval generate export import \
-        compare sweep hparams report ablation induction bench bench-generate clean distclean
+        compare sweep hparams report ablation induction bench bench-train bench-generate clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 	@echo "  pass Hydra overrides with ARGS=\"model=transformer-tiny optim.lr=1e-3\""
 
-install: $(STAMP) ## create .venv and install lethe with its dev extra (quick when nothing changed)
+install: $(STAMP) ## create .venv and install lethe with its dev and bench extras (quick when nothing changed)
 
 $(STAMP): pyproject.toml
 	@test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[dev,bench]"
 	@$(PYTHON) -c "import matplotlib.font_manager"  # matplotlib's one-time font cache, here rather than mid-run
 	@touch $(STAMP)
 
@@ -102,6 +102,9 @@ induction: install ## induction heads: 2-layer Mamba vs Transformer++ trained at
 
 bench: install ## scan speed and memory: fused kernels, chunked and the sequential reference side by side
 	$(PYTHON) bench/scan.py $(ARGS)
+
+bench-train: install ## whole training steps: Lethe's Mamba, its matched Transformer++, transformers' Mamba
+	$(PYTHON) bench/train_step.py $(ARGS)
 
 bench-generate: install ## decoding speed and memory: Mamba's state vs the Transformer's KV cache
 	$(PYTHON) bench/generate.py $(ARGS)

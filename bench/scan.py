@@ -23,13 +23,11 @@ timed for page faults.
 """
 
 import argparse
-import ctypes
 import statistics
-import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import best_time, keep_freed_memory, measure, saved_bytes
 
 from lethe.ops import SCAN_IMPL_CHOICES, kernel_build, selective_scan
 
@@ -50,78 +48,11 @@ def make_inputs(batch, channels, length, d_state, device, dtype):
                 z=rand(batch, channels, length), delta_bias=rand(channels, dtype=torch.float32, scale=0.1))
 
 
-def keep_freed_memory():
-    """glibc hands big freed blocks back to the OS, and the next call page-faults them in again:
-    the chunked scan's ~30 MB of temporaries made its time swing between 50 and 95 ms with
-    whatever else had run in the process. Freed memory stays in the process instead (as with the
-    CUDA caching allocator, and the kernel's own output pool), so each implementation is timed
-    for its work, not for page faults."""
-    if sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest: blocks up to 32 MB come from the heap
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # and the heap is not trimmed below 1 GB of free space
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def elapsed(fn, device):
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-def best_time(fn, repeats, device):
-    return min(elapsed(fn, device) for _ in range(repeats))
-
-
-def saved_bytes(fn):
-    """Bytes autograd keeps for backward (tensors, counted once each)."""
-    seen = {}
-
-    def pack(t):
-        seen[(t.data_ptr(), t.numel(), t.dtype)] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 def gradient_like(t):
     """The gradient arriving from the next layer: dense, contiguous, in the activation dtype. The
     backward returns the inputs' gradients (torch.autograd.grad) instead of adding them into
     .grad, as inside a model, where u, delta, z, B and C are activations."""
     return torch.randn(t.shape, generator=torch.Generator().manual_seed(1)).to(device=t.device, dtype=t.dtype)
-
-
-def measure(cases, rounds, repeats, device):
-    """{name: (forward, forward_backward)} -> {name: (forward times, forward+backward times, CUDA
-    peak bytes or None)}, every timed call's seconds, the cases taking turns round by round (see
-    the module docstring)."""
-    results = {name: ([], [], None) for name in cases}
-    for _ in range(rounds):
-        for name, (forward, forward_backward) in cases.items():
-            forward_times, forward_backward_times, peak = results[name]
-            forward(), forward_backward()  # warm-up: caches (and the kernel build on first use)
-            forward_times += [elapsed(forward, device) for _ in range(repeats)]
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            forward_backward_times += [elapsed(forward_backward, device) for _ in range(repeats)]
-            if device.type == "cuda":
-                peak = max(peak or 0, torch.cuda.max_memory_allocated() - base)
-            results[name] = (forward_times, forward_backward_times, peak)
-    return results
 
 
 def scan_case(impl, inputs):

@@ -36,3 +36,19 @@ def test_generation_benchmark_reports_the_state_each_model_keeps():
     assert float(mamba[6]) == pytest.approx(4 * 256 * (3 + 16) * 4 / 2**20, abs=0.006)
     # transformer-tiny: 2 layers x (keys + values) x (prompt + new) positions x d_model 128 floats
     assert float(transformer[6]) == pytest.approx(2 * 2 * (prompt + new) * 128 * 4 / 2**20, abs=0.006)
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_reports_every_model_against_lethes_mamba():
+    out = run_script("bench/train_step.py", "--shapes", "2,32", "--d-model", "32", "--layers", "2", "--vocab", "64", "--rounds", "2",
+                     "--models", "lethe-mamba", "lethe-mamba-chunked", "lethe-transformer", "hf-mambapy", "hf-sequential").stdout
+    rows = {row[1]: row for row in table_rows(out, "2 x 32")}
+    assert list(rows) == ["lethe-mamba", "lethe-mamba-chunked", "lethe-transformer", "hf-mambapy", "hf-sequential"], out
+    mamba_ms = float(rows["lethe-mamba"][3].split()[0])
+    for name, row in rows.items():
+        ms = float(row[3].split()[0])
+        assert float(row[4].replace(",", "")) == pytest.approx(2 * 32 / (ms / 1e3), rel=0.02, abs=1)  # tokens/s of that time
+        assert float(row[5].rstrip("x")) == pytest.approx(mamba_ms / ms, rel=0.06, abs=0.02)  # the ratio of the printed times
+    # the same architecture everywhere: transformers' Mamba has Lethe's parameter count, the Transformer++ is matched to it
+    params = {name: float(row[2].rstrip("M")) for name, row in rows.items()}
+    assert params["hf-mambapy"] == params["lethe-mamba"] and abs(params["lethe-transformer"] / params["lethe-mamba"] - 1) < 0.05

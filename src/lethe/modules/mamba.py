@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lethe.ops import causal_conv1d, selective_scan
@@ -63,6 +62,13 @@ def inverse_softplus_dt(d_inner: int, dt_min: float, dt_max: float, dt_init_floo
 def resolve_dt_rank(d_model: int, dt_rank: int | str) -> int:
     """The rank of delta's low-rank projection: "auto" is the paper's ceil(d_model / 16)."""
     return math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+
+
+def project(weight, bias, x):
+    """weight (out, in) @ x (batch, in, length) -> (batch, out, length): a linear layer on the
+    channel-major layout (a batched GEMM of the shared weight; x may be a transposed view)."""
+    out = torch.matmul(weight.expand(x.shape[0], -1, -1), x)
+    return out if bias is None else out + bias[:, None]
 
 
 class MambaMixer(nn.Module):
@@ -147,8 +153,13 @@ class MambaMixer(nn.Module):
 
     def forward(self, hidden, state: MambaState | None = None):
         """hidden: (batch, length, d_model) -> (batch, length, d_model). With `state`, continue
-        from it and leave the state after the last token in it."""
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # each (batch, d_inner, length)
+        from it and leave the state after the last token in it.
+
+        Inside, every tensor is channel-major, (batch, channels, length): the layout of the conv
+        and scan kernels. Each projection is a matmul oriented to read and write that layout
+        directly (W @ x^T and its transposes are strided operands a GEMM takes as they are), so
+        no transpose is copied in the forward or the backward."""
+        x, z = (project(w, b, hidden.mT) for w, b in zip(self.in_proj.weight.chunk(2), self._in_proj_biases()))
         weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias
         if state is None:
             x = causal_conv1d(x, weight, bias, activation="silu")
@@ -157,7 +168,11 @@ class MambaMixer(nn.Module):
             x, conv_state = causal_conv1d(x, weight, bias, "silu", initial_states=state.conv, return_final_states=True)
             y, ssm_state = self.ssm(x, z, initial_state=state.ssm)
             state.update(conv_state, ssm_state)
-        return self.out_proj(y.transpose(1, 2))
+        out = torch.matmul(y.mT, self.out_proj.weight.mT.expand(y.shape[0], -1, -1))  # (batch, length, d_model)
+        return out if self.out_proj.bias is None else out + self.out_proj.bias
+
+    def _in_proj_biases(self):
+        return (None, None) if self.in_proj.bias is None else self.in_proj.bias.chunk(2)
 
     def ssm(self, x, z=None, initial_state=None):
         """The SSM on the convolved signal x (batch, d_inner, length): y = scan(x) + D * x, times
@@ -166,17 +181,14 @@ class MambaMixer(nn.Module):
         batch, _, length = x.shape
         parts = {}
         if self.x_proj is not None:
-            projected = self.x_proj(x.transpose(1, 2))  # (batch, length, x_proj_out)
+            projected = project(self.x_proj.weight, None, x)  # (batch, x_proj_out, length)
             names = [name for name, size in self.x_proj_sizes.items() if size]
-            parts = dict(zip(names, projected.split([self.x_proj_sizes[n] for n in names], dim=-1)))
+            parts = dict(zip(names, projected.split([self.x_proj_sizes[n] for n in names], dim=1)))
 
         # dt_proj's bias is added (and softplus applied) inside the scan, in fp32.
-        if "delta" in parts:
-            delta = F.linear(parts["delta"], self.dt_proj.weight).transpose(1, 2)
-        else:
-            delta = torch.zeros_like(x)
-        B = parts["B"].transpose(1, 2) if "B" in parts else self.B[None, :, None].expand(batch, -1, length)
-        C = parts["C"].transpose(1, 2) if "C" in parts else self.C[None, :, None].expand(batch, -1, length)
+        delta = project(self.dt_proj.weight, None, parts["delta"]) if "delta" in parts else torch.zeros_like(x)
+        B = parts["B"] if "B" in parts else self.B[None, :, None].expand(batch, -1, length)
+        C = parts["C"] if "C" in parts else self.C[None, :, None].expand(batch, -1, length)
 
         # A_log, D and the dt bias are fp32 parameters (autocast leaves exp alone); the op does
         # all its math in fp32 whatever the dtype of x.

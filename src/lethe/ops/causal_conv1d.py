@@ -5,10 +5,15 @@ zeros, or the last width-1 inputs of the previous segment (`initial_states`), wh
 recurrent decoding continues a sequence: a one-token step is this op at length 1 with the
 previous inputs as its state.
 
-On CUDA tensors it uses the optional `causal-conv1d` package (`pip install -e .[cuda]`) when
-it imports: `causal_conv1d_fn` for a sequence from zeros, `causal_conv1d_update` for a decoding
-step. Everywhere else, and for widths it does not support, F.conv1d. The package is imported
-lazily; a broken install is reported once and never raised.
+On CPU tensors (float32, bfloat16, float16) a sequence goes through Lethe's fused kernel
+(kernels/causal_conv1d_cpu.cpp, built on first use like the scan's): bias and SiLU fused,
+forward and backward, states in and out, deterministic gradients; it is the custom op
+`lethe::causal_conv1d_fwd` / `_bwd`, which torch.compile traces without a graph break. On CUDA
+tensors the optional `causal-conv1d` package (`pip install -e .[cuda]`) when it imports:
+`causal_conv1d_fn` for a sequence from zeros, `causal_conv1d_update` for a decoding step. Anything
+else (float64, a kernel that did not build, a decoding step on CPU) takes F.conv1d or the
+window's dot product. The package is imported lazily; a broken install is reported once and never
+raised.
 """
 
 import importlib
@@ -17,6 +22,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+
+from lethe.ops.kernel_build import unavailable
 
 PACKAGE_WIDTHS = (2, 3, 4)  # the widths causal-conv1d's kernels are built for
 _package = None  # the imported causal_conv1d module; False once known to be unavailable
@@ -49,6 +56,62 @@ def _left_context(x, width, initial_states):
     return torch.cat([initial_states.to(x.dtype), x], dim=-1)
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# torch.compile runs this at trace time and keeps its answer: the first trace builds the kernel
+kernel_unavailable = torch.compiler.assume_constant_result(unavailable)
+
+
+def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, initial_states: torch.Tensor | None,
+              silu: bool, return_final: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(torch.ops.lethe_conv_cpu.conv_fwd(x, weight, bias, initial_states, silu, return_final))
+
+
+def _conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, initial_states: torch.Tensor | None,
+              silu: bool, grad_out: torch.Tensor, grad_final: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(torch.ops.lethe_conv_cpu.conv_bwd(x, weight, bias, initial_states, silu, grad_out, grad_final))
+
+
+conv_fwd_op = torch.library.custom_op("lethe::causal_conv1d_fwd", _conv_fwd, mutates_args=())
+conv_bwd_op = torch.library.custom_op("lethe::causal_conv1d_bwd", _conv_bwd, mutates_args=())
+
+
+@conv_fwd_op.register_fake
+def _(x, weight, bias, initial_states, silu, return_final):
+    final_shape = (x.shape[0], x.shape[1], weight.shape[1] - 1) if return_final else (0,)
+    return torch.empty_like(x), x.new_empty(final_shape, dtype=torch.float32)
+
+
+@conv_bwd_op.register_fake
+def _(x, weight, bias, initial_states, silu, grad_out, grad_final):
+    def like(t):
+        return torch.empty_like(t) if t is not None else x.new_empty(0, dtype=torch.float32)
+    return torch.empty_like(x), torch.empty_like(weight), like(bias), like(initial_states)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, initial_states, silu, _ = inputs
+    ctx.save_for_backward(x, weight, bias, initial_states)
+    ctx.silu = silu
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out, grad_final):
+    x, weight, bias, initial_states = ctx.saved_tensors
+    grad_out = torch.zeros_like(x) if grad_out is None else grad_out.contiguous()
+    grad_final = None if grad_final is None else grad_final.float().contiguous()
+    grad_x, grad_w, grad_b, grad_init = conv_bwd_op(x, weight, bias, initial_states, ctx.silu, grad_out, grad_final)
+    return grad_x, grad_w, grad_b if bias is not None else None, grad_init if initial_states is not None else None, None, None
+
+
+conv_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _use_kernel(x, width, activation) -> bool:
+    return (x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and x.shape[-1] > 1 and width <= 8
+            and activation in (None, "silu") and kernel_unavailable("conv_cpu") is None)
+
+
 def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, return_final_states=False):
     """x: (batch, channels, length); weight: (channels, width); bias: (channels,) or None;
     initial_states: (batch, channels, width - 1) or None (zeros).
@@ -65,6 +128,12 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, re
         return (out[:, :, None], state) if return_final_states else out[:, :, None]
     if package is not None and initial_states is None and not return_final_states:
         return package.causal_conv1d_fn(x.contiguous(), weight.contiguous(), bias, activation=activation)
+    if _use_kernel(x, width, activation):
+        def fp32(t):
+            return None if t is None else t.float().contiguous()
+        out, final = conv_fwd_op(x.contiguous(), fp32(weight), fp32(bias), fp32(initial_states), activation == "silu",
+                                 bool(return_final_states))
+        return (out, final) if return_final_states else out
 
     padded = _left_context(x, width, initial_states)
     if x.shape[-1] == 1:

@@ -1,7 +1,7 @@
 """Building the fused kernels of `kernels/` on first use: compiled for this machine only, cached
 by a hash of everything that goes into the build, loaded in about a second afterwards.
 
-    reason = unavailable("cpu")     # None once lethe_cpu's ops are loaded (built first if needed)
+    reason = unavailable("cpu")     # None once lethe_cpu's ops are loaded (built first if needed); "conv_cpu", "cuda" alike
     python -m lethe.ops.kernel_build    # `make kernels`: build every kernel this machine can run
 
 Each library is compiled with torch.utils.cpp_extension + ninja (-march=native on the CPU; the
@@ -28,11 +28,16 @@ KERNEL_DIR = Path(__file__).resolve().parents[3] / "kernels"
 BUILD_DIR = Path(os.environ.get("LETHE_KERNEL_BUILD_DIR", KERNEL_DIR / "build"))
 SOURCES = {
     "cpu": ["selective_scan_cpu.cpp"],
+    # the causal depthwise conv1d (ops/causal_conv1d.py); CUDA tensors take the causal-conv1d package
+    "conv_cpu": ["causal_conv1d_cpu.cpp"],
     "cuda": ["selective_scan_cuda_binding.cpp", "selective_scan_cuda.cu"],
     # the CUDA kernels' source run on CPU threads (kernels/cuda_emulation.h), float32 only: how
     # the tests check the CUDA algorithm on machines without a GPU
     "cuda_emulated": ["selective_scan_cuda_binding.cpp", "cuda_emulation.cpp"],
 }
+# what each library is, and what runs without it: for the one-line messages
+DESCRIPTIONS = {"cpu": ("cpu scan", "the PyTorch scan"), "cuda": ("cuda scan", "the PyTorch scan"),
+                "cuda_emulated": ("emulated cuda scan", "nothing (tests only)"), "conv_cpu": ("cpu causal-conv1d", "F.conv1d")}
 STALE_LOCK_S = 600  # a build lock older than this was left by a killed build
 
 _status: dict[str, str | None] = {}  # device type -> None (loaded) or why the kernel is unavailable
@@ -56,7 +61,7 @@ def _cpu_fingerprint() -> str:
 
 
 def _build_options(device_type: str) -> dict:
-    if device_type == "cpu":
+    if device_type in ("cpu", "conv_cpu"):
         return dict(extra_cflags=["-O3", "-fopenmp", *_native_flags()], extra_ldflags=["-fopenmp"])
     if device_type == "cuda_emulated":
         return dict(extra_cflags=["-O1", "-DLETHE_CUDA_EMULATION", f"-I{KERNEL_DIR}"], with_cuda=False)
@@ -74,7 +79,7 @@ def _library_name(device_type: str, options: dict) -> str:
         digest.update(path.read_bytes())
     extra = torch.version.cuda if device_type == "cuda" else _cpu_fingerprint()
     digest.update(f"{options}|{torch.__version__}|{sys.version_info[:2]}|{extra}".encode())
-    return f"lethe_scan_{device_type}_{digest.hexdigest()[:12]}"
+    return f"lethe_{device_type}_{digest.hexdigest()[:12]}"
 
 
 def _ensure_ninja_on_path() -> None:
@@ -105,7 +110,7 @@ def _build(device_type: str) -> None:
         lock.unlink(missing_ok=True)  # otherwise every later build would wait on it forever
     fresh = not any(build_dir.glob(f"{name}*.so"))
     if fresh:
-        print(f"lethe: building the fused {device_type.upper()} selective-scan kernel for this machine (first use only; "
+        print(f"lethe: building the fused {DESCRIPTIONS[device_type][0]} kernel for this machine (first use only; "
               "`make kernels` builds ahead)...", file=sys.stderr, flush=True)
     sources = [str(KERNEL_DIR / source) for source in SOURCES[device_type]]
     load(name=name, sources=sources, build_directory=str(build_dir), is_python_module=False, verbose=False, **options)
@@ -132,9 +137,13 @@ def unavailable(device_type: str) -> str | None:
             log = BUILD_DIR / f"build-{device_type}.log"
             BUILD_DIR.mkdir(parents=True, exist_ok=True)
             log.write_text(str(exc))
-            first = next((line.strip() for line in str(exc).splitlines() if "error" in line.lower()), str(exc).strip()[-200:])
+            lines = [line.strip() for line in str(exc).splitlines()]
+            # the compiler's own "file:line: error: ..." before torch's "Error building extension"
+            first = next((line for line in lines if ": error:" in line), None) or next(
+                (line for line in lines if "error" in line.lower()), str(exc).strip()[-200:])
             reason = f"its build failed ({first[:200]}); full log in {log}"
-            warnings.warn(f"lethe: the fused {device_type} scan kernel is unavailable, using the PyTorch scan: {reason}",
+            name, fallback = DESCRIPTIONS[device_type]
+            warnings.warn(f"lethe: the fused {name} kernel is unavailable, using {fallback}: {reason}",
                           stacklevel=2)
     _status[device_type] = reason
     return reason
@@ -143,7 +152,7 @@ def unavailable(device_type: str) -> str | None:
 def prepare() -> dict[str, str | None]:
     """Build or load the kernels for every device this machine has; returns `unavailable` of each.
     `make kernels` runs it ahead of first use."""
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = ["cpu", "conv_cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return {device_type: unavailable(device_type) for device_type in devices}
 
 
@@ -157,7 +166,6 @@ def main() -> None:
     if "cuda" not in status:
         print("cuda: no CUDA device here (the CUDA sources are compile-checked by the test suite when nvcc is present)")
     sys.exit(0 if all(reason is None for reason in status.values()) else 1)
-
 
 
 if __name__ == "__main__":
