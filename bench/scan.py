@@ -5,12 +5,14 @@
     python bench/scan.py --device cuda --dtype bfloat16   # adds GB/s and SDPA attention rows
 
 For each shape (batch, channels, length, d_state) and implementation: forward and
-forward+backward wall time, memory saved for backward, peak memory on CUDA, and the speedup over
-the chunked PyTorch scan (and over the sequential reference, where it ran) measured in the same
-run. On CUDA it also prints the fused forward's achieved bandwidth against a device copy
-measured here, and causal attention (F.scaled_dot_product_attention, flash) at the same batch,
-length and d_model = channels / 2 (a Mamba block's d_inner is 2 x d_model): the paper's "faster
-than attention past 2K" comparison.
+forward+backward wall time (also with packed documents, "+ documents": the state reset at
+document starts every --document-length steps on average, data.cross_document=false), memory
+saved for backward, peak memory on CUDA, and the speedup over the chunked PyTorch scan (and
+over the sequential reference, where it ran) measured in the same run. On CUDA it also prints
+the fused forward's achieved bandwidth against a device copy measured here, and causal
+attention (F.scaled_dot_product_attention, flash) at the same batch, length and d_model =
+channels / 2 (a Mamba block's d_inner is 2 x d_model): the paper's "faster than attention past
+2K" comparison.
 
 How it times: the implementations take turns, round by round (each round: one untimed call to
 warm the caches the others just used, then --repeats timed calls of each), so on a shared
@@ -27,7 +29,7 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from timing import best_time, keep_freed_memory, measure, saved_bytes
+from timing import best_time, keep_freed_memory, measure, random_document_starts, saved_bytes
 
 from lethe.ops import SCAN_IMPL_CHOICES, kernel_build, selective_scan
 
@@ -55,20 +57,22 @@ def gradient_like(t):
     return torch.randn(t.shape, generator=torch.Generator().manual_seed(1)).to(device=t.device, dtype=t.dtype)
 
 
-def scan_case(impl, inputs):
+def scan_case(impl, inputs, document_starts=None):
     """(forward, forward_backward) of one implementation, and the bytes it saves for backward."""
+    def scan():
+        return selective_scan(**inputs, impl=impl, document_starts=document_starts)
+
     def forward():
         with torch.no_grad():
-            selective_scan(**inputs, impl=impl)
+            scan()
 
     leaves = [t for t in inputs.values() if t is not None and t.requires_grad]
     grad_y = gradient_like(inputs["u"])
 
     def forward_backward():
-        y, _ = selective_scan(**inputs, impl=impl)
-        torch.autograd.grad(y, leaves, grad_y)
+        torch.autograd.grad(scan()[0], leaves, grad_y)
 
-    return (forward, forward_backward), saved_bytes(lambda: selective_scan(**inputs, impl=impl))
+    return (forward, forward_backward), saved_bytes(scan)
 
 
 def attention_case(batch, length, d_model, device, dtype):
@@ -110,6 +114,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=5, help="turns each implementation takes (interleaved)")
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per implementation per round")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--document-length", type=int, default=256,
+                        help="mean length of the packed documents of the '+ documents' rows (0: no such rows)")
     parser.add_argument("--max-reference-length", type=int, default=4096,
                         help="skip the sequential reference above this length (it is slow by design)")
     args = parser.parse_args()
@@ -131,6 +137,7 @@ def main():
               "fwd+bwd vs chunked, best", "fwd GB/s"]
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
+    documents_cost = []
     for shape in shapes:
         batch, channels, length, d_state = (int(s) for s in shape.split(","))
         inputs = make_inputs(batch, channels, length, d_state, device, dtype)
@@ -139,6 +146,10 @@ def main():
             if impl == "reference" and length > args.max_reference_length:
                 continue
             cases[impl], saved[impl] = scan_case(impl, inputs)
+        if args.document_length:
+            starts = random_document_starts(batch, length, args.document_length, device)
+            for impl in [i for i in impls if i != "reference"]:
+                cases[f"{impl} + documents"], saved[f"{impl} + documents"] = scan_case(impl, inputs, starts)
         if device.type == "cuda":
             attention_dtype = dtype if dtype != torch.float32 else torch.bfloat16
             cases["sdpa attention"], saved["sdpa attention"] = attention_case(batch, length, channels // 2, device, attention_dtype)
@@ -160,8 +171,15 @@ def main():
             print(f"| {(batch, channels, length, d_state)} | {impl} | {fwd * 1e3:.2f} ({min(forward_times) * 1e3:.2f}) | "
                   f"{fwd_bwd * 1e3:.2f} ({min(forward_backward_times) * 1e3:.2f}) | {saved[impl] / 2**20:.1f} | {peak_mb} | "
                   f"{ratio('chunked')} | {ratio('reference')} | {best_ratio} | {gbps} |")
+        for impl in [i for i in medians if f"{i} + documents" in medians]:
+            with_docs = medians[f"{impl} + documents"]
+            documents_cost.append(f"{impl} at {(batch, channels, length, d_state)}: {with_docs[0] / medians[impl][0]:.3f}x forward, "
+                                  f"{with_docs[1] / medians[impl][1]:.3f}x forward+backward")
     print("times: median (best) of every timed call; speedups: forward / forward+backward, of the medians, "
           "measured in this run")
+    if documents_cost:
+        print(f"with packed documents (mean length {args.document_length}) / without, medians:")
+        print("\n".join(f"  {line}" for line in documents_cost))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,13 @@ def saved_bytes(fn):
     return sum(seen.values())
 
 
+def random_document_starts(batch, length, mean_length, device):
+    """(batch, length) bool: documents of random lengths (mean `mean_length`) packed into each row."""
+    starts = torch.rand(batch, length, generator=torch.Generator().manual_seed(2)) < 1 / mean_length
+    starts[:, 0] = True
+    return starts.to(device)
+
+
 def measure(cases: dict, rounds: int, repeats: int, device) -> dict:
     """cases: {name: (fn, ...)} -> {name: ([seconds of fn_0], ..., CUDA peak bytes of the last fn
     or None)}: every timed call, the cases taking turns round by round."""

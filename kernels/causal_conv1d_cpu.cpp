@@ -6,6 +6,9 @@
 //
 // x, out: (batch, channels, length) contiguous, float32 / bfloat16 / float16 (math in float32);
 // weight (channels, W) and bias (channels,) float32; states (batch, channels, W - 1) float32.
+// Packed documents: tap_mask (batch, W, length) float32, 1 where tap k of step t reads the step's
+// own document and 0 where it would reach into the previous one (a document's first steps see
+// zeros there, as if it were alone).
 // Threaded over (batch, channel) rows; each row is converted once into a float buffer padded on
 // the left with its state, and every output step is a W-term dot product, vectorized over time.
 // Backward recomputes the pre-activation (nothing but the inputs is saved). The weight and bias
@@ -22,6 +25,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "cpu_row_io.h"
 #include "cpu_vector_math.h"
@@ -38,8 +42,14 @@ struct ConvProblem {
   const float* weight;  // (channels, width)
   const float* bias;    // (channels,) or null
   const float* init;    // (batch, channels, width - 1) or null
+  const float* mask;    // (batch, width, length) or null
   bool silu;
 };
+
+// Tap k's mask over row `row`'s steps, or null: every tap reads.
+inline const float* tap_mask(const ConvProblem& p, int64_t row, int64_t k) {
+  return p.mask ? p.mask + ((row / p.channels) * p.width + k) * p.length : nullptr;
+}
 
 // The row's inputs as float32 after its width-1 state: padded[width - 1 + t] = x[t].
 template <typename T>
@@ -50,11 +60,14 @@ void load_padded(const ConvProblem& p, int64_t row, const T* x, float* padded) {
   convert(x + row * p.length, p.length, padded + keep);
 }
 
-// pre[t] = bias + sum_k w[k] padded[t + k]: the dot product each output step takes.
+// pre[t] = bias + sum_k w[k] padded[t + k] (times tap k's mask at t): the dot product each output step takes.
 template <typename V>
-LETHE_INLINE V pre_activation(const float* padded, const float* w, int64_t width, float bias, int64_t t, V tag) {
+LETHE_INLINE V pre_activation(const ConvProblem& p, int64_t row, const float* padded, const float* w, float bias, int64_t t, V tag) {
   V acc = tag + bias;
-  for (int64_t k = 0; k < width; ++k) acc += w[k] * load_as(padded + t + k, tag);
+  for (int64_t k = 0; k < p.width; ++k) {
+    const float* mask = tap_mask(p, row, k);
+    acc += mask ? w[k] * load_as(padded + t + k, tag) * load_as(mask + t, tag) : w[k] * load_as(padded + t + k, tag);
+  }
   return acc;
 }
 
@@ -65,7 +78,7 @@ void forward_row(const ConvProblem& p, int64_t row, const T* x, T* out, float* f
   const float bias = p.bias ? p.bias[row % p.channels] : 0.0f;
   T* y = out + row * p.length;
   for_each_step(p.length, [&](int64_t t, auto tag) {
-    auto acc = pre_activation(padded.data(), w, p.width, bias, t, tag);
+    auto acc = pre_activation(p, row, padded.data(), w, bias, t, tag);
     if (p.silu) acc = acc * sigmoid(acc);
     store_as(y + t, acc);
   });
@@ -78,8 +91,11 @@ struct RowGrads {
   float* init;    // (rows, width - 1) or null
 };
 
-// d pre[t] (into g, after width-1 zeros: g[width - 1 + t]), d x (through the transposed
-// convolution of d pre), this row's d weight and d bias, and d of the initial state.
+// d pre[t], then d of every padded input: padded[t + k] fed output t through weight k (and
+// tap k's mask), so grad[t + k] += w[k] dpre[t] mask_k[t] (a vector add per tap); d x is grad
+// past the state, d of the initial state its first width-1 entries, and the gradient of the final
+// state (padded[L .. L + width - 1)) adds where those inputs are. d w[k] = sum_t dpre[t] mask_k[t]
+// padded[t + k] and d bias = sum_t dpre[t], each summed in one fixed order.
 template <typename T>
 void backward_row(const ConvProblem& p, int64_t row, const T* x, const T* grad_out, const float* grad_final, T* grad_x,
                   const RowGrads& grads, Floats& padded, Floats& g) {
@@ -88,58 +104,48 @@ void backward_row(const ConvProblem& p, int64_t row, const T* x, const T* grad_o
   const float* w = p.weight + (row % p.channels) * p.width;
   const float bias = p.bias ? p.bias[row % p.channels] : 0.0f;
   const T* dy = grad_out + row * L;
-  float* dpre = g.data() + keep;  // g[0 .. keep) and g[keep + L ..) stay 0
+  float* dpre = g.data();            // (L)
+  float* grad = g.data() + L + kLanes;  // (L + keep): the gradient of padded
   for_each_step(L, [&](int64_t t, auto tag) {
     auto d = load_as(dy + t, tag);
     if (p.silu) {  // d silu(a) / da = s (1 + a (1 - s)), s = sigmoid(a)
-      const auto a = pre_activation(padded.data(), w, p.width, bias, t, tag);
+      const auto a = pre_activation(p, row, padded.data(), w, bias, t, tag);
       const auto s = sigmoid(a);
       d = d * s * (1.0f + a * (1.0f - s));
     }
     store_as(dpre + t, d);
   });
-  // padded[j] feeds outputs t = j - k (weight k), so its gradient is sum_k w[k] dpre[j - k] =
-  // sum_k w[k] g[j + keep - k]; the final state is padded[L .. L + keep), seen by the next segment.
-  const float* gz = g.data();
-  auto grad_at = [&](int64_t j, auto tag) {
-    auto acc = tag;
-    for (int64_t k = 0; k < p.width; ++k) acc += w[k] * load_as(gz + j + keep - k, tag);
-    return acc;
-  };
-  T* dx = grad_x + row * L;
-  const float* df = grad_final ? grad_final + row * keep : nullptr;
-  for_each_step(L, [&](int64_t t, auto tag) {
-    auto d = grad_at(keep + t, tag);
-    store_as(dx + t, d);
-  });
-  if (df) {  // padded[L + i] is x[L + i - keep] (or the initial state when the row is that short)
-    for (int64_t i = 0; i < keep; ++i) {
-      const int64_t j = L + i;
-      if (j >= keep) dx[j - keep] = static_cast<T>(static_cast<float>(dx[j - keep]) + df[i]);
-    }
-  }
-  if (grads.init) {
-    float* dinit = grads.init + row * keep;
-    for (int64_t i = 0; i < keep; ++i) {
-      dinit[i] = grad_at(i, 0.0f);
-      if (df && i >= L) dinit[i] += df[i - L];
-    }
-  }
-  // d w[k] = sum_t dpre[t] padded[t + k]; d bias = sum_t dpre[t] (each in one fixed order)
+  std::fill(grad, grad + L + keep, 0.0f);
+  if (grad_final)
+    for (int64_t i = 0; i < keep; ++i) grad[L + i] += grad_final[row * keep + i];
   for (int64_t k = 0; k < p.width; ++k) {
+    const float* mask = tap_mask(p, row, k);
+    const float wk = w[k];
+    float* __restrict__ out = grad + k;
+    for_each_step(L, [&](int64_t t, auto tag) {
+      auto d = wk * load_as(dpre + t, tag);
+      if (mask) d = d * load_as(mask + t, tag);
+      store_as(out + t, load_as(out + t, tag) + d);
+    });
     Vec acc{};
-    int64_t t = 0;
-    for (; t + kLanes <= L; t += kLanes) acc += load(dpre + t) * load(padded.data() + t + k);
-    float total = lane_sum(acc);
-    for (; t < L; ++t) total += dpre[t] * padded[t + k];
-    grads.weight[row * p.width + k] = total;
+    float tail = 0.0f;
+    for_each_step(L, [&](int64_t t, auto tag) {
+      auto d = load_as(dpre + t, tag) * load_as(padded.data() + t + k, tag);
+      if (mask) d = d * load_as(mask + t, tag);
+      if constexpr (std::is_same_v<decltype(tag), float>) tail += d;
+      else acc += d;
+    });
+    grads.weight[row * p.width + k] = lane_sum(acc) + tail;
   }
+  convert(grad + keep, L, grad_x + row * L);
+  if (grads.init) std::copy(grad, grad + keep, grads.init + row * keep);
   Vec acc{};
-  int64_t t = 0;
-  for (; t + kLanes <= L; t += kLanes) acc += load(dpre + t);
-  float total = lane_sum(acc);
-  for (; t < L; ++t) total += dpre[t];
-  grads.bias[row] = total;
+  float tail = 0.0f;
+  for_each_step(L, [&](int64_t t, auto tag) {
+    if constexpr (std::is_same_v<decltype(tag), float>) tail += dpre[t];
+    else acc += load(dpre + t);
+  });
+  grads.bias[row] = lane_sum(acc) + tail;
 }
 
 void check(bool ok, const char* message) { TORCH_CHECK(ok, "lethe causal_conv1d (cpu kernel): ", message); }
@@ -152,7 +158,8 @@ void check(bool ok, const char* message) { TORCH_CHECK(ok, "lethe causal_conv1d 
     default: check(false, "x must be float32, bfloat16 or float16");                  \
   }
 
-ConvProblem make_problem(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& init, bool silu) {
+ConvProblem make_problem(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& init,
+                         const OptTensor& mask, bool silu) {
   check(x.dim() == 3 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous (batch, channels, length) CPU tensor");
   check(x.size(2) >= 1, "length must be at least 1");
   check(weight.dim() == 2 && weight.size(0) == x.size(1) && weight.scalar_type() == at::kFloat && weight.is_contiguous(),
@@ -164,22 +171,26 @@ ConvProblem make_problem(const Tensor& x, const Tensor& weight, const OptTensor&
   check(!init || (init->scalar_type() == at::kFloat && init->dim() == 3 && init->size(0) == x.size(0) &&
                   init->size(1) == x.size(1) && init->size(2) == keep && init->is_contiguous()),
         "initial_states must be float32 (batch, channels, width - 1)");
+  check(!mask || (mask->scalar_type() == at::kFloat && mask->dim() == 3 && mask->size(0) == x.size(0) &&
+                  mask->size(1) == weight.size(1) && mask->size(2) == x.size(2) && mask->is_contiguous()),
+        "tap_mask (the document starts) must be float32 (batch, width, length)");
   return {x.size(0), x.size(1), x.size(2), weight.size(1), weight.data_ptr<float>(),
-          bias ? bias->data_ptr<float>() : nullptr, init ? init->data_ptr<float>() : nullptr, silu};
+          bias ? bias->data_ptr<float>() : nullptr, init ? init->data_ptr<float>() : nullptr,
+          mask ? mask->data_ptr<float>() : nullptr, silu};
 }
 
 // Rows of the problem in parallel, with per-thread row buffers.
 template <typename Fn>
 void for_each_row(const ConvProblem& p, int64_t extra, Fn&& fn) {
   at::parallel_for(0, p.batch * p.channels, 16, [&](int64_t begin, int64_t end) {
-    Floats padded(p.length + p.width - 1 + kLanes), g(p.length + 2 * (p.width - 1) + kLanes + extra);
+    Floats padded(p.length + p.width - 1 + kLanes), g(2 * (p.length + kLanes) + p.width + extra);
     for (int64_t row = begin; row < end; ++row) fn(row, padded, g);
   });
 }
 
 std::tuple<Tensor, Tensor> conv_fwd(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& init,
-                                    bool silu, bool return_final) {
-  const ConvProblem p = make_problem(x, weight, bias, init, silu);
+                                    const OptTensor& mask, bool silu, bool return_final) {
+  const ConvProblem p = make_problem(x, weight, bias, init, mask, silu);
   Tensor out = at::empty_like(x);
   Tensor final_state = return_final ? at::empty({p.batch, p.channels, p.width - 1}, x.options().dtype(at::kFloat))
                                     : at::empty({0}, x.options().dtype(at::kFloat));
@@ -193,9 +204,9 @@ std::tuple<Tensor, Tensor> conv_fwd(const Tensor& x, const Tensor& weight, const
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bwd(const Tensor& x, const Tensor& weight, const OptTensor& bias,
-                                                    const OptTensor& init, bool silu, const Tensor& grad_out,
-                                                    const OptTensor& grad_final) {
-  const ConvProblem p = make_problem(x, weight, bias, init, silu);
+                                                    const OptTensor& init, const OptTensor& mask, bool silu,
+                                                    const Tensor& grad_out, const OptTensor& grad_final) {
+  const ConvProblem p = make_problem(x, weight, bias, init, mask, silu);
   check(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type() && grad_out.is_contiguous(),
         "grad_out must have x's shape and dtype");
   const int64_t keep = p.width - 1, rows = p.batch * p.channels;
@@ -232,10 +243,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bwd(const Tensor& x, const Tenso
 }  // namespace lethe_cpu
 
 TORCH_LIBRARY(lethe_conv_cpu, m) {
-  m.def("conv_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? initial_states, bool silu, bool return_final) "
-        "-> (Tensor, Tensor)");
-  m.def("conv_bwd(Tensor x, Tensor weight, Tensor? bias, Tensor? initial_states, bool silu, Tensor grad_out, "
-        "Tensor? grad_final) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("conv_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? initial_states, Tensor? tap_mask, bool silu, "
+        "bool return_final) -> (Tensor, Tensor)");
+  m.def("conv_bwd(Tensor x, Tensor weight, Tensor? bias, Tensor? initial_states, Tensor? tap_mask, bool silu, "
+        "Tensor grad_out, Tensor? grad_final) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lethe_conv_cpu, CPU, m) {

@@ -38,8 +38,9 @@ void for_state_blocks(int64_t lanes, Fn&& fn) {
 // each step's <C_t, h_t> over the block to y[t]; the backward's recompute (kKeep true) needs no
 // outputs (the forward saved y before the gate) and stores the decays and states in the chunk
 // buffers a[t][n], h[t][n] (t counted from `start`) instead, which the adjoint walks.
-// kAtMostOne: decays_at_most_one holds for this row.
-template <int kVecs, bool kKeep, bool kAtMostOne>
+// kAtMostOne: decays_at_most_one holds for this row. kResets: p.keep marks document starts, where
+// the decay is 0 (the state before it is dropped; the adjoint then stops there too).
+template <int kVecs, bool kKeep, bool kAtMostOne, bool kResets>
 void scan_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t start, int64_t steps,
                 const float* __restrict__ delta, const float* __restrict__ du, float* __restrict__ state,
                 float* __restrict__ y, float* __restrict__ a_keep, float* __restrict__ h_keep) {
@@ -49,12 +50,14 @@ void scan_block(const Problem& p, int64_t b, int64_t d, int64_t n0, int64_t star
   Vec rate[kVecs], h[kVecs];
   Vec sums[kKeep ? 1 : kMaxChunk];  // per step, summed across lanes after the recurrence loop
   for (int v = 0; v < kVecs; ++v) rate[v] = decay_rate(load(p.A + d * N + n0 + v * kLanes)), h[v] = load(state + v * kLanes);
+  const float* __restrict__ keep = kResets ? p.keep + b * p.length + start : nullptr;
   for (int64_t t = 0; t < steps; ++t) {
     const float step = delta[start + t], input = du[start + t];
     Vec sum = {};
     for (int v = 0; v < kVecs; ++v) {
       const int64_t i = t * N + v * kLanes;
-      const Vec a = decay<kAtMostOne>(step, rate[v]);
+      Vec a = decay<kAtMostOne>(step, rate[v]);
+      if constexpr (kResets) a *= keep[t];
       h[v] = a * h[v] + input * load(B + i);
       if constexpr (kKeep) store(a_keep + i + n0, a), store(h_keep + i + n0, h[v]);
       else sum += load(C + i) * h[v];
@@ -73,6 +76,13 @@ inline bool decays_at_most_one(const Problem& p, int64_t d) {
   for (int64_t n = 0; n < p.lanes; ++n)
     if (!(p.A[d * p.lanes + n] <= 0.0f)) return false;
   return true;
+}
+
+// The scan_block for a row: its decays' bound (decays_at_most_one) and whether documents start in it.
+template <int kVecs, bool kKeep>
+auto* pick_scan_block(bool at_most_one, bool resets) {
+  if (resets) return at_most_one ? scan_block<kVecs, kKeep, true, true> : scan_block<kVecs, kKeep, false, true>;
+  return at_most_one ? scan_block<kVecs, kKeep, true, false> : scan_block<kVecs, kKeep, false, false>;
 }
 
 // Units [0, n_units) of work, handed out one at a time to at::parallel_for's threads instead of a

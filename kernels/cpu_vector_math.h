@@ -315,6 +315,7 @@ struct Problem {
   const float* D;            // (channels,) or null
   const float* delta_bias;   // (channels,) or null
   const float* initial;      // (batch, channels, d_state) or null
+  const float* keep;         // (batch, length): 0 at a step that starts a document (its decay is 0), else 1; or null
   bool softplus;
 };
 

@@ -13,7 +13,7 @@ namespace lethe {
 inline void check_scan_inputs(const char* kernel, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                               const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
                               const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
-                              const std::optional<at::Tensor>& initial) {
+                              const std::optional<at::Tensor>& initial, const std::optional<at::Tensor>& keep) {
   auto check = [kernel](bool ok, const char* message) {
     TORCH_CHECK(ok, "lethe selective_scan (", kernel, " kernel): ", message);
   };
@@ -34,6 +34,9 @@ inline void check_scan_inputs(const char* kernel, const at::Tensor& u, const at:
   check(!initial || (initial->scalar_type() == at::kFloat && initial->dim() == 3 && initial->size(0) == u.size(0) &&
                      initial->size(1) == u.size(1) && initial->size(2) == A.size(1) && initial->is_contiguous()),
         "initial_state must be float32 (batch, channels, d_state)");
+  check(!keep || (keep->scalar_type() == at::kFloat && keep->dim() == 2 && keep->size(0) == u.size(0) &&
+                  keep->size(1) == u.size(2) && keep->is_contiguous() && keep->device() == u.device()),
+        "keep (the document starts) must be float32 (batch, length)");
 }
 
 }  // namespace lethe

@@ -75,7 +75,7 @@ void forward_row(const Problem& p, const ForwardIO<T>& io, int64_t row, int64_t 
     std::copy(h, h + S, io.saved + (row * p.n_chunks + k) * S);
     for_state_blocks(N, [&](auto vecs, int64_t n0) {
       constexpr int kVecs = decltype(vecs)::value;
-      auto* const scan = at_most_one ? scan_block<kVecs, false, true> : scan_block<kVecs, false, false>;
+      auto* const scan = pick_scan_block<kVecs, false>(at_most_one, p.keep != nullptr);
       scan(p, b, d, n0, start, steps, buf.delta.data(), buf.du.data(), h + n0, y, nullptr, nullptr);
     });
   }
@@ -144,7 +144,7 @@ void backward_row(const Problem& p, const BackwardIO<T>& io, int64_t row, int64_
     std::copy(buf.h.begin(), buf.h.begin() + N, buf.h_work.begin());
     for_state_blocks(N, [&](auto vecs, int64_t n0) {
       constexpr int kVecs = decltype(vecs)::value;
-      auto* const scan = at_most_one ? scan_block<kVecs, true, true> : scan_block<kVecs, true, false>;
+      auto* const scan = pick_scan_block<kVecs, true>(at_most_one, p.keep != nullptr);
       scan(p, b, d, n0, start, steps, buf.delta.data(), buf.du.data(), buf.h_work.data() + n0, nullptr, buf.a.data(),
            buf.h.data() + N);
     });
@@ -214,7 +214,8 @@ struct StateOperands {
 };
 
 Problem make_problem(const Tensor& u, const StateOperands& ops, int64_t d_state, const OptTensor& D,
-                     const OptTensor& delta_bias, const OptTensor& initial, bool delta_softplus, int64_t chunk) {
+                     const OptTensor& delta_bias, const OptTensor& initial, const OptTensor& keep, bool delta_softplus,
+                     int64_t chunk) {
   TORCH_CHECK(chunk >= 1 && chunk <= kMaxChunk, "lethe selective_scan (cpu kernel): chunk must be in [1, ", kMaxChunk, "]");
   Problem p;
   p.batch = u.size(0), p.channels = u.size(1), p.length = u.size(2), p.d_state = d_state, p.lanes = ops.A.size(1);
@@ -223,23 +224,25 @@ Problem make_problem(const Tensor& u, const StateOperands& ops, int64_t d_state,
   p.D = D ? D->data_ptr<float>() : nullptr;
   p.delta_bias = delta_bias ? delta_bias->data_ptr<float>() : nullptr;
   p.initial = initial ? initial->data_ptr<float>() : nullptr;
+  p.keep = keep ? keep->data_ptr<float>() : nullptr;
   p.softplus = delta_softplus;
   return p;
 }
 
 void check_inputs(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
-                  const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias, const OptTensor& initial) {
-  lethe::check_scan_inputs("cpu", u, delta, A, B, C, D, z, delta_bias, initial);
+                  const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias, const OptTensor& initial,
+                  const OptTensor& keep) {
+  lethe::check_scan_inputs("cpu", u, delta, A, B, C, D, z, delta_bias, initial, keep);
   check(u.device().is_cpu(), "tensors must be on the CPU");
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
                                             const Tensor& C, const OptTensor& D, const OptTensor& z,
                                             const OptTensor& delta_bias, const OptTensor& initial_state,
-                                            bool delta_softplus, int64_t chunk) {
-  check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state);
+                                            const OptTensor& keep, bool delta_softplus, int64_t chunk) {
+  check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, keep);
   const StateOperands operands(A, B, C);
-  const Problem p = make_problem(u, operands, A.size(1), D, delta_bias, initial_state, delta_softplus, chunk);
+  const Problem p = make_problem(u, operands, A.size(1), D, delta_bias, initial_state, keep, delta_softplus, chunk);
   OutputPool& pool = OutputPool::instance();
   Tensor out = pool.empty_like(u);
   Tensor last = at::empty({p.batch, p.channels, p.d_state}, u.options().dtype(at::kFloat));
@@ -274,11 +277,12 @@ int64_t channel_group(int64_t batch, int64_t channels, int64_t lanes) {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> scan_bwd(
     const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C, const OptTensor& D,
-    const OptTensor& z, const OptTensor& delta_bias, const OptTensor& initial_state, bool delta_softplus, int64_t chunk,
-    const Tensor& saved, const Tensor& out_pre, const Tensor& grad_out, const OptTensor& grad_last) {
-  check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state);
+    const OptTensor& z, const OptTensor& delta_bias, const OptTensor& initial_state, const OptTensor& keep,
+    bool delta_softplus, int64_t chunk, const Tensor& saved, const Tensor& out_pre, const Tensor& grad_out,
+    const OptTensor& grad_last) {
+  check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, keep);
   const StateOperands operands(A, B, C);
-  const Problem p = make_problem(u, operands, A.size(1), D, delta_bias, initial_state, delta_softplus, chunk);
+  const Problem p = make_problem(u, operands, A.size(1), D, delta_bias, initial_state, keep, delta_softplus, chunk);
   check(saved.scalar_type() == at::kFloat && saved.is_contiguous() && saved.dim() == 4 && saved.size(2) == p.n_chunks, "saved chunk states do not match the inputs");
   check(!z || (out_pre.sizes() == u.sizes() && out_pre.scalar_type() == u.scalar_type() && out_pre.is_contiguous()), "the saved output before the gate does not match u");
   check(grad_out.scalar_type() == u.scalar_type() && grad_out.sizes() == u.sizes() && grad_out.is_contiguous(), "grad_out must have u's shape and dtype");
@@ -369,9 +373,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 
 TORCH_LIBRARY(lethe_cpu, m) {
   m.def("scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
-        "Tensor? initial_state, bool delta_softplus, int chunk) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? initial_state, Tensor? keep, bool delta_softplus, int chunk) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
-        "Tensor? initial_state, bool delta_softplus, int chunk, Tensor saved, Tensor out_pre, Tensor grad_out, "
+        "Tensor? initial_state, Tensor? keep, bool delta_softplus, int chunk, Tensor saved, Tensor out_pre, Tensor grad_out, "
         "Tensor? grad_last) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

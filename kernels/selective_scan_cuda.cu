@@ -112,6 +112,7 @@ __device__ float block_sum(float value, float* scratch) {
 // One thread's kItems steps of one (batch, channel) row, in float32.
 struct Steps {
   float u[kItems], delta_raw[kItems], delta[kItems];
+  float keep[kItems];  // 0 where a document starts (p.keep), else 1
   bool valid[kItems];
 };
 
@@ -127,18 +128,21 @@ __device__ __forceinline__ void load_steps(const ScanParams& p, int64_t row, int
     s.u[i] = s.valid[i] ? to_float(u[t]) : 0.0f;
     s.delta_raw[i] = s.valid[i] ? to_float(delta[t]) + bias : 0.0f;
     s.delta[i] = !s.valid[i] ? 0.0f : (p.softplus ? softplus(s.delta_raw[i]) : s.delta_raw[i]);
+    s.keep[i] = s.valid[i] && p.keep ? p.keep[(row / p.channels) * p.length + t] : 1.0f;
   }
 }
 
-// Decays and inputs of one state n over a thread's steps: a = exp(delta A_n), x = delta B_n u.
-// Steps past the end are the identity map (a = 1, x = 0).
+// Decays and inputs of one state n over a thread's steps: a = exp(delta A_n), x = delta B_n u;
+// a = 0 where a document starts (the state before it is dropped, and the adjoint stops there:
+// the forward, the recompute and the backward all read these maps). Steps past the end are the
+// identity map (a = 1, x = 0).
 template <typename T>
 __device__ __forceinline__ void load_maps(const ScanParams& p, const T* B_n, float A_n, int64_t first, const Steps& s, float* a,
                           float* x, float* B_values) {
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
     B_values[i] = s.valid[i] ? to_float(B_n[first + i]) : 0.0f;
-    a[i] = s.valid[i] ? exp2f(s.delta[i] * A_n * kLog2e) : 1.0f;
+    a[i] = s.valid[i] ? exp2f(s.delta[i] * A_n * kLog2e) * s.keep[i] : 1.0f;
     x[i] = s.delta[i] * s.u[i] * B_values[i];
   }
 }

@@ -23,6 +23,9 @@ struct ScanParams {
   // d_state), float32. z, D, delta_bias, initial may be null.
   const void *u = nullptr, *delta = nullptr, *B = nullptr, *C = nullptr, *z = nullptr;
   const float *A = nullptr, *D = nullptr, *delta_bias = nullptr, *initial = nullptr;
+  // keep (batch, length), float32: 0 at a step that starts a document (its decay is 0: the state
+  // before it is dropped), 1 elsewhere; null when no document starts inside the rows.
+  const float* keep = nullptr;
   // Forward outputs: out in `dtype`; out_pre (y before the gate, only with z) in `dtype`;
   // last (batch, channels, d_state) and saved (batch, channels, n_chunks, d_state) float32.
   void *out = nullptr, *out_pre = nullptr;

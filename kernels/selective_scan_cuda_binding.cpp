@@ -49,8 +49,8 @@ const float* float_ptr(const OptTensor& t) { return t ? t->data_ptr<float>() : n
 
 ScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
                        const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias, const OptTensor& initial,
-                       bool delta_softplus, int64_t chunk) {
-  lethe::check_scan_inputs("cuda", u, delta, A, B, C, D, z, delta_bias, initial);
+                       const OptTensor& keep, bool delta_softplus, int64_t chunk) {
+  lethe::check_scan_inputs("cuda", u, delta, A, B, C, D, z, delta_bias, initial, keep);
   check(u.is_cuda() == kOnCuda, kOnCuda ? "tensors must be on a CUDA device" : "the emulation takes CPU tensors");
   check(chunk == lethe_cuda::kChunk, "chunk does not match the kernel's (lethe_cuda::kChunk)");
   check(u.size(0) <= 65535, "batch must be <= 65535 (the grid's y dimension)");
@@ -64,6 +64,7 @@ ScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, co
   p.u = u.data_ptr(), p.delta = delta.data_ptr(), p.B = B.data_ptr(), p.C = C.data_ptr();
   p.z = z ? z->data_ptr() : nullptr;
   p.A = A.data_ptr<float>(), p.D = float_ptr(D), p.delta_bias = float_ptr(delta_bias), p.initial = float_ptr(initial);
+  p.keep = float_ptr(keep);
   return p;
 }
 
@@ -79,8 +80,9 @@ Tensor sum_middle(const Tensor& parts, int64_t outer, int64_t middle, int64_t in
 std::tuple<Tensor, Tensor, Tensor, Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
                                                     const Tensor& C, const OptTensor& D, const OptTensor& z,
                                                     const OptTensor& delta_bias, const OptTensor& initial_state,
-                                                    bool delta_softplus, int64_t chunk, int64_t stream) {
-  ScanParams p = make_params(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk);
+                                                    const OptTensor& keep, bool delta_softplus, int64_t chunk,
+                                                    int64_t stream) {
+  ScanParams p = make_params(u, delta, A, B, C, D, z, delta_bias, initial_state, keep, delta_softplus, chunk);
   const auto f32 = u.options().dtype(at::kFloat);
   Tensor out = at::empty_like(u);
   Tensor out_pre = z ? at::empty_like(u) : at::empty({0}, u.options());
@@ -94,9 +96,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> scan_fwd(const Tensor& u, const Tenso
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> scan_bwd(
     const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C, const OptTensor& D,
-    const OptTensor& z, const OptTensor& delta_bias, const OptTensor& initial_state, bool delta_softplus, int64_t chunk,
-    const Tensor& saved, const Tensor& out_pre, const Tensor& grad_out, const OptTensor& grad_last, int64_t stream) {
-  ScanParams p = make_params(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk);
+    const OptTensor& z, const OptTensor& delta_bias, const OptTensor& initial_state, const OptTensor& keep,
+    bool delta_softplus, int64_t chunk, const Tensor& saved, const Tensor& out_pre, const Tensor& grad_out,
+    const OptTensor& grad_last, int64_t stream) {
+  ScanParams p = make_params(u, delta, A, B, C, D, z, delta_bias, initial_state, keep, delta_softplus, chunk);
   check(saved.scalar_type() == at::kFloat && saved.is_contiguous() && saved.numel() == p.batch * p.channels * p.n_chunks * p.d_state, "saved chunk states do not match the inputs");
   check(!z || (out_pre.sizes() == u.sizes() && out_pre.scalar_type() == u.scalar_type() && out_pre.is_contiguous()), "the saved output before the gate does not match u");
   check(grad_out.scalar_type() == u.scalar_type() && grad_out.sizes() == u.sizes() && grad_out.is_contiguous(), "grad_out must have u's shape and dtype");
@@ -135,9 +138,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 
 TORCH_LIBRARY(LETHE_CUDA_LIBRARY, m) {
   m.def("scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
-        "Tensor? initial_state, bool delta_softplus, int chunk, int stream) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? initial_state, Tensor? keep, bool delta_softplus, int chunk, int stream) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
-        "Tensor? initial_state, bool delta_softplus, int chunk, Tensor saved, Tensor out_pre, Tensor grad_out, "
+        "Tensor? initial_state, Tensor? keep, bool delta_softplus, int chunk, Tensor saved, Tensor out_pre, Tensor grad_out, "
         "Tensor? grad_last, int stream) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

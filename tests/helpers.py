@@ -160,6 +160,16 @@ def perturbed(model, scale=0.05):
     return model.eval()
 
 
+def document_starts(batch, length, seed, every=20):
+    """(batch, length) bool: documents starting at random places (about one in `every` steps),
+    and always at step 0, at the last step and at two consecutive steps (a one-token document)."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.rand(batch, length, generator=g) < 1 / every
+    starts[:, 0] = starts[:, -1] = True
+    starts[:, length // 2: length // 2 + 2] = True
+    return starts
+
+
 # ---- selective-scan cases (test_scan.py, test_kernels.py) -------------------------------------
 def make_inputs(batch, channels, length, d_state, dtype=torch.float32, seed=0, delta_scale=1.0):
     g = torch.Generator().manual_seed(seed)
@@ -180,8 +190,9 @@ def make_inputs(batch, channels, length, d_state, dtype=torch.float32, seed=0, d
     )
 
 
-def run(impl, inputs, use_z, use_bias, use_state):
-    """y, last state and the gradients of every input, computed on the impl's device, returned on CPU."""
+def run(impl, inputs, use_z, use_bias, use_state, document_starts=None):
+    """y, last state and the gradients of every input, computed on the impl's device, returned on
+    CPU. document_starts (batch, length): where documents start."""
     device = "cuda" if impl == "cuda" else "cpu"
     args = {k: v.detach().to(device, copy=True).requires_grad_(v.is_floating_point()) for k, v in inputs.items()}
     if not use_z:
@@ -190,7 +201,7 @@ def run(impl, inputs, use_z, use_bias, use_state):
         args.pop("delta_bias")
     if not use_state:
         args.pop("initial_state")
-    y, last = selective_scan(**args, impl=impl)
+    y, last = selective_scan(**args, impl=impl, document_starts=None if document_starts is None else document_starts.to(device))
     # a loss that weights every output and the final state, so every gradient path is exercised
     g = torch.Generator().manual_seed(1)
     weights_y, weights_last = torch.randn(y.shape, generator=g).to(device), torch.randn(last.shape, generator=g).to(device)

@@ -15,7 +15,7 @@ def table_rows(out: str, first_cell: str) -> list[list[str]]:
 def test_scan_benchmark_reports_every_impl_and_its_own_ratios():
     out = run_script("bench/scan.py", "--shapes", "1,16,400,8", "--rounds", "2", "--repeats", "1").stdout
     rows = {row[1]: row for row in table_rows(out, "(1, 16, 400, 8)")}
-    assert list(rows) == ["reference", "chunked", "cpu"]
+    assert list(rows) == ["reference", "chunked", "cpu", "chunked + documents", "cpu + documents"]
     median = {impl: (float(row[2].split()[0]), float(row[3].split()[0])) for impl, row in rows.items()}
     for impl, row in rows.items():
         forward, backward = (float(x.rstrip("x")) for x in row[6].split(" / "))  # "vs chunked": medians' ratio
@@ -24,6 +24,19 @@ def test_scan_benchmark_reports_every_impl_and_its_own_ratios():
     assert rows["chunked"][6] == "1.0x / 1.0x"
     # the reference's autograd keeps every step's state; the fused kernel keeps chunk boundaries only
     assert float(rows["cpu"][4]) < float(rows["reference"][4])
+    for impl in ("chunked", "cpu"):  # the summary of what the resets cost is the ratio of the rows' medians
+        line = next(line for line in out.splitlines() if line.strip().startswith(f"{impl} at (1, 16, 400, 8)"))
+        forward = float(line.split(": ")[1].split("x")[0])
+        assert forward == pytest.approx(median[f"{impl} + documents"][0] / median[impl][0], rel=0.06, abs=0.06)  # times print to 0.01 ms
+
+
+@pytest.mark.slow
+def test_attention_benchmark_compares_the_document_mask_with_causal():
+    out = run_script("bench/attention.py", "--shapes", "2,128,64", "--rounds", "2", "--repeats", "1", "--document-length", "16").stdout
+    rows = {row[1]: row for row in table_rows(out, "(2, 128, 64)")}
+    assert list(rows) == ["causal", "sdpa + mask"] and rows["causal"][4] == "1.00x"
+    ratio = float(rows["sdpa + mask"][5].rstrip("x"))
+    assert ratio == pytest.approx(float(rows["sdpa + mask"][3]) / float(rows["causal"][3]), rel=0.02, abs=0.01)
 
 
 @pytest.mark.slow

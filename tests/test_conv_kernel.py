@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch._dynamo.backends.registry import lookup_backend
 
-from helpers import perturbed
+from helpers import document_starts, perturbed
 from lethe.models import MambaLM
 from lethe.ops import causal_conv1d, causal_conv1d_reference, kernel_build
+from lethe.ops.documents import tap_mask
 
 conv = importlib.import_module("lethe.ops.causal_conv1d")  # the module (lethe.ops re-exports its function)
 
@@ -27,18 +28,19 @@ def inputs(batch, channels, length, width, seed=0, dtype=torch.float32):
                 bias=torch.randn(channels, generator=g), init=torch.randn(batch, channels, width - 1, generator=g))
 
 
-def kernel_and_reference(case, use_bias, silu, use_init, dtype=torch.float32):
+def kernel_and_reference(case, use_bias, silu, use_init, starts=None):
     """(outputs, final state, gradients) of the kernel op and of the float64 reference, under a
     loss that weights every output and the final state."""
     activation = "silu" if silu else None
+    taps = None if starts is None else tap_mask(starts, case["weight"].shape[1])
     results = []
     for op, cast in ((conv.conv_fwd_op, None), (None, torch.float64)):
         args = {k: v.detach().clone().to(cast or v.dtype).requires_grad_() for k, v in case.items()}
         bias, init = (args["bias"] if use_bias else None), (args["init"] if use_init else None)
         if op is not None:  # the op itself: also lengths the dispatcher leaves to the window's dot product
-            out, final = op(args["x"], args["weight"], bias, init, silu, True)
+            out, final = op(args["x"], args["weight"], bias, init, taps, silu, True)
         else:
-            out = causal_conv1d_reference(args["x"], args["weight"], bias, activation, initial_states=init)
+            out = causal_conv1d_reference(args["x"], args["weight"], bias, activation, initial_states=init, document_starts=starts)
             context = torch.cat([init if init is not None else args["x"].new_zeros(*args["x"].shape[:2], case["weight"].shape[1] - 1),
                                  args["x"]], dim=-1)
             final = context[:, :, context.shape[-1] - (case["weight"].shape[1] - 1):]
@@ -53,9 +55,13 @@ def kernel_and_reference(case, use_bias, silu, use_init, dtype=torch.float32):
 @pytest.mark.parametrize("width", [2, 3, 4])
 @pytest.mark.parametrize("length", [1, 2, 3, 17, 64, 131])
 @pytest.mark.parametrize("use_bias,silu,use_init", [(True, True, True), (False, True, False), (True, False, True), (False, False, False)])
-def test_matches_the_float64_reference(width, length, use_bias, silu, use_init):
+@pytest.mark.parametrize("documents", [False, True])
+def test_matches_the_float64_reference(width, length, use_bias, silu, use_init, documents):
+    starts = document_starts(2, length, seed=length, every=5) if documents else None
+    if starts is not None:
+        starts[1, 0] = False  # a row whose first document began in the previous segment: it reads the state
     (out, final, grads), (ref_out, ref_final, ref_grads) = kernel_and_reference(
-        inputs(2, 5, length, width, seed=length * width), use_bias, silu, use_init)
+        inputs(2, 5, length, width, seed=length * width), use_bias, silu, use_init, starts)
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(final.double(), ref_final, rtol=0, atol=1e-6)  # the last inputs, as they were
     for name, got, want in zip(["x", "weight", "bias", "init"], grads, ref_grads):
@@ -102,7 +108,9 @@ def test_the_dispatcher_takes_the_kernel_for_cpu_sequences(monkeypatch):
 
 def test_custom_ops_pass_opcheck_and_compile_without_graph_breaks():
     case = inputs(2, 4, 19, 4, seed=5)
-    args = [case["x"].requires_grad_(), case["weight"].requires_grad_(), case["bias"], case["init"], True, True]
+    args = [case["x"].requires_grad_(), case["weight"].requires_grad_(), case["bias"], case["init"], None, True, True]
+    torch.library.opcheck(conv.conv_fwd_op, args)
+    args[4] = tap_mask(document_starts(2, 19, seed=1), 4)
     torch.library.opcheck(conv.conv_fwd_op, args)
     traced = []
 
@@ -141,3 +149,28 @@ def test_mamba_logits_and_gradients_are_those_of_the_plain_conv(monkeypatch):
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-5)
     for (name, _), a, b in zip(model.named_parameters(), fused[1], plain[1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("path", ["cpu-kernel", "masked-pytorch", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_packed_row_is_its_documents_convolved_alone(path, monkeypatch):
+    """Documents of 5, 1 and 9 steps in one row: each one's outputs and input gradients equal
+    convolving it alone from zeros (the CPU kernel, the masked PyTorch path, and on a GPU the
+    causal-conv1d package's seq_idx where it has one)."""
+    if path == "masked-pytorch":
+        monkeypatch.setattr(conv, "_use_kernel", lambda *a: False)
+    device = "cuda" if path == "cuda" else "cpu"
+    lengths, case = [5, 1, 9], {k: v.to(device) for k, v in inputs(1, 3, 15, 4, seed=4).items()}
+    starts = torch.zeros(1, 15, dtype=torch.bool, device=device)
+    starts[0, [0, 5, 6]] = True
+    x = case["x"].clone().requires_grad_()
+    packed = causal_conv1d(x, case["weight"], case["bias"], "silu", document_starts=starts)
+    weights = torch.randn(packed.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    (packed * weights).sum().backward()
+    begin = 0
+    for n in lengths:
+        alone = case["x"][..., begin:begin + n].clone().requires_grad_()
+        out = causal_conv1d_reference(alone, case["weight"], case["bias"], "silu")
+        (out * weights[..., begin:begin + n]).sum().backward()
+        torch.testing.assert_close(packed[..., begin:begin + n], out, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x.grad[..., begin:begin + n], alone.grad, rtol=1e-5, atol=1e-6)
+        begin += n

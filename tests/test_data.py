@@ -200,6 +200,52 @@ def test_packing_blocks_are_the_separated_stream(tmp_path):
         assert torch.equal(labels[i], stream[i * 16 + 1 : (i + 1) * 16 + 1])
 
 
+def stream_starts(stream: np.ndarray) -> np.ndarray:
+    """Where documents start, found independently of the cache's record: at 0 and at every <eos>
+    (the byte tokenizer's eos never comes out of text)."""
+    return np.concatenate([[0], np.flatnonzero(stream == EOS)])
+
+
+@pytest.mark.parametrize("pack_batch", [8192, 7])  # 7: documents packed across several writes
+def test_document_starts_are_recorded_beside_the_stream(tmp_path, monkeypatch, pack_batch):
+    monkeypatch.setattr(lethe.data.cache, "PACK_BATCH", pack_batch)
+    dm = local_dm(tmp_path, seq_len=16)
+    for split in ("train", "val", "test"):
+        cache = dm.caches[split]
+        stream = np.asarray(cache.array(), dtype=np.int64)
+        np.testing.assert_array_equal(cache.document_starts(), stream_starts(stream))
+        assert cache.num_documents == len(col(dm.corpus.load()[split]))
+    # every block flags the inputs where a document starts; labels and inputs are as before
+    stream = np.asarray(dm.caches["val"].array(), dtype=np.int64)
+    for i, batch in enumerate(dm.val_dataloader()):
+        assert batch["document_starts"].dtype == torch.bool and batch["document_starts"].shape == batch["input_ids"].shape
+        for row, (inputs, starts) in enumerate(zip(batch["input_ids"], batch["document_starts"])):
+            begin = (i * dm.eval_batch_size + row) * 16
+            expected = (inputs == EOS) | (begin == 0) & (torch.arange(16) == 0)
+            assert torch.equal(starts, expected)
+    crossing = local_dm(tmp_path, seq_len=16, cross_document=True)
+    assert set(next(iter(crossing.val_dataloader()))) == {"input_ids", "labels"}
+
+
+def test_cross_document_must_be_a_bool(tmp_path):
+    with pytest.raises(ConfigError, match="data.cross_document"):
+        local_dm(tmp_path, cross_document="no")
+
+
+def test_a_capped_stream_keeps_the_starts_inside_it(tmp_path):
+    full = local_dm(tmp_path)
+    capped = local_dm(tmp_path, max_tokens={"train": 100})
+    starts = full.caches["train"].document_starts()
+    np.testing.assert_array_equal(capped.caches["train"].document_starts(), starts[starts < 100])
+
+
+def test_a_cache_without_its_starts_is_rebuilt(tmp_path):
+    dm = local_dm(tmp_path)
+    dm.caches["train"].starts_path.unlink()
+    again = local_dm(tmp_path)
+    np.testing.assert_array_equal(again.caches["train"].document_starts(), dm.caches["train"].document_starts())
+
+
 def test_max_tokens_caps_a_split_and_changes_the_fingerprint(tmp_path):
     full = local_dm(tmp_path)
     capped = local_dm(tmp_path, max_tokens={"train": 100})

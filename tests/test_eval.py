@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from helpers import BYTE_TOKENIZER, SMOKE, run_script
 from lethe.data import LMDataModule
+from lethe.data.datamodule import cross_document_setting
 from lethe.errors import LetheError
 from lethe.evaluation import find_checkpoints
 from lethe.training.checkpoint import load_trained_model
@@ -31,9 +32,11 @@ def compared(tmp_path_factory):
     return sweep, data_dir, out, proc
 
 
-def independent_scores(ckpt, data_dir, length):
+def independent_scores(ckpt, data_dir, length, cross_document=False):
     """Sum of NLL, scored tokens and bytes over every whole block of `length` tokens of the test
-    split, read straight from the token cache and scored with a plain cross-entropy."""
+    split, read straight from the token cache and scored with a plain cross-entropy. Without
+    cross_document (how these runs trained) each document of a block (the byte tokenizer's <eos>,
+    found in the stream itself, opens one) is scored alone, from an empty state."""
     model, tokenizer, meta = load_trained_model(ckpt)
     data = meta["run_config"]["data"]
     dm = LMDataModule(source=data["source"], tokenizer=BYTE_TOKENIZER, seq_len=length, cache_dir=data_dir,
@@ -43,10 +46,12 @@ def independent_scores(ckpt, data_dir, length):
     blocks = (len(stream) - 1) // length
     nll = 0.0
     with torch.no_grad():
-        for start in range(0, blocks * length, 64 * length):
-            end = min(start + 64 * length, blocks * length)
-            inputs, labels = stream[start:end].view(-1, length), stream[start + 1:end + 1].view(-1, length)
-            nll += F.cross_entropy(model(inputs).flatten(0, 1), labels.flatten(), reduction="sum").item()
+        for block in range(blocks):
+            inputs, labels = stream[block * length:(block + 1) * length], stream[block * length + 1:(block + 1) * length + 1]
+            bounds = sorted({0, length, *([] if cross_document else (inputs == tokenizer.eos_token_id).nonzero()[:, 0].tolist())})
+            for begin, end in zip(bounds[:-1], bounds[1:]):
+                logits = model(inputs[None, begin:end])[0]
+                nll += F.cross_entropy(logits, labels[begin:end], reduction="sum").item()
     labels = stream[1:blocks * length + 1]
     return nll, blocks * length, int((labels != tokenizer.eos_token_id).sum())  # bytes: <eos> is no text
 
@@ -70,6 +75,36 @@ def test_eval_scores_match_an_independent_computation(compared):
         table = list(csv.DictReader(f))
     assert len(table) == 2 and float(table[0]["ppl@32"]) == pytest.approx(rows[0]["lengths"][0]["ppl"], rel=1e-3)
     assert (out / "ppl_vs_length.png").stat().st_size > 0 and (out / "val_curves.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_eval_follows_the_checkpoints_document_setting_unless_told(compared, tmp_path):
+    sweep, data_dir, out, _ = compared
+    rows = json.loads((out / "eval.json").read_text())
+    assert all(r["cross_document"] is False for r in rows)  # as trained (the data config's default)
+    ckpt = next(r["ckpt"] for r in rows if r["model"] == "MambaLM")
+    run_script("eval.py", f"ckpt={ckpt}", f"paths.data_dir={data_dir}", f"out_dir={tmp_path}", "lengths=[]", "splits=[test]",
+               "cross_document=true", f"paths.log_dir={tmp_path / 'logs'}")
+    crossing = json.loads((tmp_path / "eval.json").read_text())[0]
+    nll, tokens, _ = independent_scores(ckpt, data_dir, 64, cross_document=True)
+    reset_nll, _, _ = independent_scores(ckpt, data_dir, 64)
+    assert crossing["cross_document"] is True and crossing["test"]["tokens"] == tokens
+    # ten training steps leave the two settings only ~5e-5 apart: each score must sit on its own
+    # independent value, far closer to it than to the other setting's
+    reset = next(r for r in rows if r["ckpt"] == ckpt)["test"]["ppl"]
+    independent = {"cross": math.exp(nll / tokens), "reset": math.exp(reset_nll / tokens)}
+    gap = abs(independent["cross"] - independent["reset"])
+    assert gap > 0
+    assert abs(crossing["test"]["ppl"] - independent["cross"]) < gap / 5
+    assert abs(reset - independent["reset"]) < gap / 5
+
+
+def test_runs_from_before_the_switch_crossed_documents():
+    lm = {"_target_": "lethe.data.LMDataModule", "source": {}}
+    assert cross_document_setting(lm) is True  # written before data.cross_document existed
+    assert cross_document_setting({**lm, "cross_document": False}) is False
+    assert cross_document_setting({"_target_": "lethe.data.synthetic.SyntheticDataModule"}) is None
+    assert cross_document_setting(None) is None
 
 
 @pytest.mark.slow

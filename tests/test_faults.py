@@ -143,8 +143,8 @@ def test_nan_loss_stops_naming_where_the_weights_are(tmp_path, data_dir):
 
 def test_resume_refuses_changed_settings_by_name(smoke_run, data_dir):
     proc = train(smoke_run, data_dir, "trainer.max_steps=30", "trainer.val_check_interval=10", "seq_len=32", "data.batch_size=8",
-                 "resume=auto", check=False)
-    one_error_line(proc, "seq_len=64 -> 32", "data.batch_size=4 -> 8", "allow_resume_changes=true")
+                 "data.cross_document=true", "resume=auto", check=False)
+    one_error_line(proc, "seq_len=64 -> 32", "data.batch_size=4 -> 8", "data.cross_document=False -> True", "allow_resume_changes=true")
     assert step_of(smoke_run / "checkpoints" / "last.ckpt") == 20  # untouched
 
 

@@ -31,18 +31,18 @@ OPTIONAL = ("D", "z", "delta_bias", "initial_state")
 NAMES = ("u", "delta", "A", "B", "C", *OPTIONAL)
 
 
-def reference_with_grads(inputs, grad_y, grad_last):
+def reference_with_grads(inputs, grad_y, grad_last, document_starts=None):
     args = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
-    y, last = selective_scan_ref(**args)  # the ground truth itself, not through the dispatcher under test
+    y, last = selective_scan_ref(**args, document_starts=document_starts)  # the ground truth itself, not through the dispatcher under test
     torch.autograd.backward([y, last], [grad_y, grad_last])
     return y, last, {k: v.grad for k, v in args.items()}
 
 
-def emulated_cuda(inputs, grad_y, grad_last):
+def emulated_cuda(inputs, grad_y, grad_last, document_starts=None):
     """The CUDA kernels' forward and backward, run on CPU threads."""
     assert kernel_build.unavailable("cuda_emulated") is None
     ops = torch.ops.lethe_cuda_emulated
-    args = [inputs.get(name) for name in NAMES]
+    args = [inputs.get(name) for name in NAMES] + [None if document_starts is None else (~document_starts).float().contiguous()]
     y, last, saved, y_pre = ops.scan_fwd(*args, True, scan_kernels.CHUNK["cuda"], 0)
     grads = ops.scan_bwd(*args, True, scan_kernels.CHUNK["cuda"], saved, y_pre, grad_y, grad_last, 0)
     return y, last, saved, dict(zip(NAMES, grads))
@@ -54,14 +54,20 @@ def emulated_cuda(inputs, grad_y, grad_last):
     ((1, 2, 1025, 16), OPTIONAL),  # two chunks of 1024: the carry across chunks, both ways
     ((1, 1, 1100, 64), ("z", "initial_state")),
     ((2, 3, 300, 5), ()),
-], ids=["len1", "odd", "past-chunk", "d_state64", "bare"])
+    ((2, 2, 1100, 8), (*OPTIONAL, "document_starts")),  # documents starting at 0, at a chunk boundary and at the last step
+], ids=["len1", "odd", "past-chunk", "d_state64", "bare", "documents"])
 def test_cuda_kernel_algorithm_matches_reference(shape, options):
     inputs = {k: v for k, v in make_inputs(*shape, seed=sum(shape)).items() if k in ("u", "delta", "A", "B", "C", *options)}
+    document_starts = None
+    if "document_starts" in options:
+        document_starts = torch.zeros(shape[0], shape[2], dtype=torch.bool)
+        document_starts[0, [0, 1, 500, 1023, 1024, shape[2] - 1]] = True
+        document_starts[1, [77]] = True
     g = torch.Generator().manual_seed(5)
     grad_y = torch.randn(shape[0], shape[1], shape[2], generator=g)
     grad_last = torch.randn(shape[0], shape[1], shape[3], generator=g)
-    y_ref, last_ref, grads_ref = reference_with_grads(inputs, grad_y, grad_last)
-    y, last, saved, grads = emulated_cuda(inputs, grad_y, grad_last)
+    y_ref, last_ref, grads_ref = reference_with_grads(inputs, grad_y, grad_last, document_starts)
+    y, last, saved, grads = emulated_cuda(inputs, grad_y, grad_last, document_starts)
     assert saved.shape == (shape[0], shape[1], -(-shape[2] // 1024), shape[3])
     torch.testing.assert_close(y, y_ref, rtol=6e-4, atol=2e-3)
     torch.testing.assert_close(last, last_ref, rtol=6e-4, atol=2e-3)
@@ -102,7 +108,10 @@ def test_cpu_kernel_gradients_are_bit_identical_across_runs_and_thread_counts(ch
 def test_custom_ops_pass_torch_library_opcheck():
     inputs = make_inputs(2, 3, 140, 5, seed=6)
     args = [inputs[name].clone().requires_grad_(name in ("u", "delta", "B", "A")) for name in NAMES]
-    torch.library.opcheck(scan_kernels.selective_scan_fwd, (*args, True))
+    keep = torch.ones(2, 140)
+    keep[0, [0, 64, 100]] = 0  # documents starting inside the rows
+    torch.library.opcheck(scan_kernels.selective_scan_fwd, (*args, None, True))
+    torch.library.opcheck(scan_kernels.selective_scan_fwd, (*args, keep, True))
 
 
 def test_torch_compile_traces_the_scan_without_graph_breaks():
@@ -177,7 +186,8 @@ def test_impl_that_cannot_run_is_a_one_line_error(impl, device, dtype, message):
 def test_kernels_refuse_mismatched_inputs_naming_the_argument(library):
     assert kernel_build.unavailable(library.removeprefix("lethe_")) is None
     inputs = make_inputs(1, 2, 9, 3)
-    args = [inputs[name] for name in ("u", "delta", "A")] + [inputs["B"][:, :, :8].contiguous(), inputs["C"], None, None, None, None, True]
+    args = [inputs[name] for name in ("u", "delta", "A")] + [inputs["B"][:, :, :8].contiguous(), inputs["C"], None, None, None, None,
+                                                            None, True]
     extra = (1024, 0) if library == "lethe_cuda_emulated" else (scan_kernels.CHUNK["cpu"],)
     with pytest.raises(RuntimeError, match=r"kernel\): B and C must be \(batch, d_state, length\)"):
         getattr(torch.ops, library).scan_fwd(*args, *extra)

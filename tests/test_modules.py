@@ -36,7 +36,7 @@ def rope_complex(x, theta=10000.0):
 
 def test_rope_matches_complex_rotation_and_depends_only_on_offset():
     length, head_dim = 40, 16
-    cos, sin = rope_angles(length, head_dim, 10000.0, dtype=torch.float64)
+    cos, sin = rope_angles(torch.arange(length), head_dim, 10000.0, dtype=torch.float64)
     x = torch.randn(2, length, head_dim, dtype=torch.float64)
     torch.testing.assert_close(apply_rope(x, cos, sin), rope_complex(x), rtol=1e-12, atol=1e-12)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import CPU_SCAN_IMPLS, make_inputs, run
+from helpers import CPU_SCAN_IMPLS, document_starts, make_inputs, run
 from lethe.errors import ConfigError
 from lethe.ops import causal_conv1d, causal_conv1d_reference, selective_scan, selective_scan_ref
 from lethe.ops.scan_chunked import scan_chunked
@@ -44,6 +44,48 @@ def test_matches_reference_fp32(impl, shape, use_z, use_bias, use_state):
     assert grads.keys() == grads_ref.keys()
     for name in grads_ref:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=6e-4, atol=2e-3, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_document_resets_match_reference(impl, shape):
+    inputs, starts = make_inputs(*shape, seed=sum(shape) + 1), document_starts(shape[0], shape[2], seed=sum(shape))
+    y_ref, last_ref, grads_ref = run("reference", inputs, True, True, True, starts)
+    y, last, grads = run(impl, inputs, True, True, True, starts)
+    torch.testing.assert_close(y, y_ref, rtol=6e-4, atol=2e-3)
+    torch.testing.assert_close(last, last_ref, rtol=6e-4, atol=2e-3)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=6e-4, atol=2e-3, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("impl", [*CPU_SCAN_IMPLS, pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_packed_row_is_its_documents_run_alone(impl):
+    """Documents of 17, 66 and 50 steps packed into one row (the second across the CPU kernel's
+    64-step chunk boundary): every output of the second and third, and every gradient reaching
+    their inputs, equal running that document alone from an empty state."""
+    lengths, device = [17, 66, 50], "cuda" if impl == "cuda" else "cpu"
+    inputs = make_inputs(1, 4, sum(lengths), 8, seed=12)
+    inputs.pop("initial_state")
+    document_starts = torch.zeros(1, sum(lengths), dtype=torch.bool)
+    document_starts[0, [0, 17, 83]] = True
+    g = torch.Generator().manual_seed(2)
+    weights = torch.randn(1, 4, sum(lengths), generator=g)
+
+    packed_args = {k: v.detach().clone().to(device).requires_grad_() for k, v in inputs.items()}
+    packed, _ = selective_scan(**packed_args, impl=impl, document_starts=document_starts.to(device))
+    (packed * weights.to(device)).sum().backward()
+    packed = packed.cpu()
+    begin = 0
+    for n in lengths:
+        alone_inputs = {k: (v[..., begin:begin + n] if k in ("u", "delta", "B", "C", "z") else v) for k, v in inputs.items()}
+        args = {k: v.detach().clone().to(device).requires_grad_() for k, v in alone_inputs.items()}
+        y, _ = selective_scan(**args, impl=impl)
+        (y * weights[..., begin:begin + n].to(device)).sum().backward()
+        torch.testing.assert_close(packed[..., begin:begin + n], y.cpu(), rtol=1e-5, atol=1e-5)
+        for name in ("u", "delta", "B", "C", "z"):
+            torch.testing.assert_close(packed_args[name].grad[..., begin:begin + n].cpu(), args[name].grad.cpu(), rtol=1e-4, atol=1e-5,
+                                       msg=f"grad of {name}, document at {begin}")
+        begin += n
 
 
 @pytest.mark.parametrize("dtype,rtol,atol", [(torch.bfloat16, 3e-2, 5e-2), (torch.float16, 3e-3, 5e-3)])

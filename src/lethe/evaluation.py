@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from lethe.config import instantiate
+from lethe.data.datamodule import cross_document_setting
 from lethe.data.tokenizer import token_byte_lengths
 from lethe.errors import ConfigError, LetheError, first_line, is_int, is_number, require, require_int
 from lethe.metrics import perplexity, summed_nll
@@ -102,6 +103,11 @@ class CheckpointEvaluator:
         run = self.meta["run_config"] or {}
         self.run_name = run.get("run_name") or path.stem
         self.data = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else run.get("data")
+        # documents are scored as the checkpoint was trained (cross-document context or resets)
+        # unless eval's cross_document says otherwise; synthetic tasks have no such switch
+        setting = cross_document_setting(run.get("data")) if cfg.get("cross_document") is None else cfg.cross_document
+        if setting is not None and cross_document_setting(self.data) is not None:
+            self.data = {**self.data, "cross_document": setting}
         self.seq_len = cfg.seq_len or run.get("seq_len")
         if self.data is None or self.seq_len is None:
             missing = " and ".join(k for k, v in (("data", self.data), ("seq_len", self.seq_len)) if v is None)
@@ -141,6 +147,7 @@ class CheckpointEvaluator:
                 lengths = [n for n in lengths if n <= max_seq_len]
         results = {"run": self.run_name, "ckpt": str(self.path), "model": self.meta["model_target"].rsplit(".", 1)[-1],
                    "tokenizer": self.tokenizer_name(), "params": self.meta["num_params"], "train_seq_len": self.seq_len,
+                   "cross_document": cross_document_setting(self.data),
                    "tokens_trained": self.tokens_trained()}
         with tempfile.TemporaryDirectory() as tokenizer_dir:
             # the checkpoint's own tokenizer, from its files: eval never re-trains or downloads one
@@ -175,6 +182,8 @@ def evaluate_checkpoints(cfg: DictConfig) -> tuple[list[dict], list[dict]]:
     """(scored rows, failures): a checkpoint that cannot be scored (missing, corrupt, foreign, no
     data) is recorded with its one-line error and the others are still scored."""
     require_int("batch_size", cfg.batch_size)
+    require(cfg.get("cross_document") in (None, True, False), "cross_document", cfg.get("cross_document"),
+            "null (as each checkpoint was trained), false (reset at document starts) or true")
     require(cfg.max_tokens is None or is_int(cfg.max_tokens), "max_tokens", cfg.max_tokens, "an integer >= 1, or null for whole splits")
     for factor in cfg.lengths or []:
         require(is_number(factor) and factor > 0, "lengths", list(cfg.lengths),

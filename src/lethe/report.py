@@ -143,6 +143,8 @@ def eval_columns(rows: list[dict]) -> list:
     columns = [("run", lambda r: r.get("label", r["run"]), str), ("model", lambda r: r["model"], str),
                ("tokenizer", lambda r: r.get("tokenizer"), str), ("params", lambda r: r["params"], ",d"),
                ("tokens trained", lambda r: r["tokens_trained"], millions)]
+    if not synthetic:  # how packed documents were scored: each alone (reset) or with its neighbours' context
+        columns.insert(3, ("documents", lambda r: {False: "reset", True: "cross"}.get(r.get("cross_document")), str))
     for split in splits:
         columns.append((f"{split} ppl", lambda r, s=split: r.get(s, {}).get("ppl"), ".3f"))
         columns.append((f"{split} {second}", lambda r, s=split: r.get(s, {}).get(second), ".4f"))

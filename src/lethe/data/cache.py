@@ -5,10 +5,18 @@ independent of seq_len; `TokenBlocks` cuts it into blocks of seq_len + 1 tokens 
 seq_len (input = block[:-1], labels = block[1:]), so block i and i+1 share one token and every
 token except the first is predicted exactly once.
 
+Where each document starts is recorded beside the stream, not inferred from <eos> (a tokenizer
+may also produce its eos id inside a text): document 1 starts at 0, document k > 1 at the
+separator before it. The separator belongs to the document it opens: as an input it predicts
+that document's first token from nothing else (a BOS), while the previous document's last
+token still predicts it as its end. With data.cross_document=false every block carries these
+starts and every layer resets at them.
+
 On disk: cache_dir/tokens/<corpus fingerprint>/<split>-<tokenizer fingerprint>.bin (raw uint16
-when the vocabulary fits, else uint32) plus a .json sidecar with the counts. Both are written
-atomically (lethe.files), the .bin first; a cache counts only when both are there and agree, so a
-crash never leaves a half cache that a later run would trust.
+when the vocabulary fits, else uint32), .starts (int64 stream positions, ascending) and a .json
+sidecar with the counts. All are written atomically (lethe.files), the sidecar last; a cache
+counts only when all are there and agree, so a crash never leaves a half cache that a later run
+would trust.
 """
 
 import json
@@ -31,8 +39,9 @@ from lethe.files import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: document starts recorded (.starts)
 MIN_DOCS_PER_PROCESS = 5000
+PACK_BATCH = 8192  # documents packed per write
 
 
 def token_dtype(vocab_size: int):
@@ -46,10 +55,20 @@ class TokenCache:
     num_tokens: int
     num_documents: int
 
+    @property
+    def starts_path(self) -> Path:
+        return self.path.with_suffix(".starts")
+
     def array(self) -> np.ndarray:
         if self.num_tokens == 0:
             return np.zeros(0, dtype=self.dtype)
         return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
+
+    def document_starts(self) -> np.ndarray:
+        """Stream positions where documents start, ascending (int64, num_documents of them)."""
+        if self.num_documents == 0:
+            return np.zeros(0, dtype=np.int64)
+        return np.memmap(self.starts_path, dtype=np.int64, mode="r", shape=(self.num_documents,))
 
 
 def cache_path(cache_dir, corpus_fingerprint: str, split: str, tokenizer_fp: str, max_tokens=None) -> Path:
@@ -65,9 +84,12 @@ def load_cache(path: Path):
         return None
     meta = json.loads(sidecar.read_text())
     dtype = np.dtype(meta["dtype"])
+    cache = TokenCache(path, dtype, meta["num_tokens"], meta["num_documents"])
     if meta.get("format") != FORMAT_VERSION or path.stat().st_size != meta["num_tokens"] * dtype.itemsize:
         return None
-    return TokenCache(path, dtype, meta["num_tokens"], meta["num_documents"])
+    if not cache.starts_path.is_file() or cache.starts_path.stat().st_size != meta["num_documents"] * 8:
+        return None
+    return cache
 
 
 class _EncodeBatch:
@@ -108,8 +130,8 @@ def build_cache(docs: datasets.Dataset, tokenizer, path: Path, meta: dict, num_p
             cache_file_name=str(work / "ids.arrow"), load_from_cache_file=False,
             new_fingerprint=digest(path.name, size=8), desc=f"tokenize {meta.get('split', '')}",
         )
-        with atomic_write(path) as f:
-            num_tokens, num_documents = _write_stream(ids, f, dtype, eos, max_tokens, meta.get("split", ""))
+        with atomic_write(path) as f, atomic_write(path.with_suffix(".starts")) as starts_file:
+            num_tokens, num_documents = _write_stream(ids, f, starts_file, dtype, eos, max_tokens, meta.get("split", ""))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     meta = {"format": FORMAT_VERSION, "dtype": dtype.name, "num_tokens": num_tokens, "num_documents": num_documents,
@@ -119,23 +141,27 @@ def build_cache(docs: datasets.Dataset, tokenizer, path: Path, meta: dict, num_p
     return TokenCache(path, dtype, num_tokens, num_documents)
 
 
-def _write_stream(ids: datasets.Dataset, f, dtype, eos: int, max_tokens, split: str):
-    """Append every document's ids and an eos to the binary file `f`; drop the final eos
-    (separators go between documents). With max_tokens, stop after exactly that many tokens."""
+def _write_stream(ids: datasets.Dataset, f, starts_file, dtype, eos: int, max_tokens, split: str):
+    """Append every document's ids and an eos to the binary file `f`, and where each document
+    starts (int64) to `starts_file`; drop the final eos (separators go between documents). With
+    max_tokens, stop after exactly that many tokens."""
     written = documents = 0
     capped = False
-    batch = 8192
     with tqdm(total=len(ids), desc=f"pack {split}", unit=" docs") as bar:
-        for table in ids.with_format("arrow").iter(batch_size=batch):
+        for table in ids.with_format("arrow").iter(batch_size=PACK_BATCH):
             column = table.column("ids").combine_chunks()
             lengths = column.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
             stream = np.insert(column.flatten().to_numpy(zero_copy_only=False), np.cumsum(lengths), eos).astype(dtype)
+            # a document opens at the separator before it (the first of the stream at 0)
+            starts = written + np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]) - 1
+            starts[0] = max(starts[0], 0)
             if max_tokens is not None and written + len(stream) >= max_tokens:
                 stream = stream[: max_tokens - written]
-                starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
-                lengths = lengths[starts < len(stream)]
+                kept = starts < written + len(stream)
+                lengths, starts = lengths[kept], starts[kept]
                 capped = True
             stream.tofile(f)
+            starts.astype(np.int64).tofile(starts_file)
             written += len(stream)
             documents += len(lengths)
             bar.update(table.num_rows)
@@ -149,23 +175,33 @@ def _write_stream(ids: datasets.Dataset, f, dtype, eos: int, max_tokens, split: 
 
 class TokenBlocks(torch.utils.data.Dataset):
     """Non-overlapping training examples from a cached stream: block i is tokens
-    [i*seq_len, (i+1)*seq_len] (seq_len + 1 tokens); len = (num_tokens - 1) // seq_len."""
+    [i*seq_len, (i+1)*seq_len] (seq_len + 1 tokens); len = (num_tokens - 1) // seq_len.
 
-    def __init__(self, cache: TokenCache, seq_len: int):
-        self.cache, self.seq_len = cache, seq_len
-        self._tokens = None  # opened lazily, so DataLoader workers map the file instead of pickling it
+    With `document_starts`, each example also has "document_starts" (seq_len,) bool: true at the
+    inputs where a document starts (the model resets there)."""
+
+    def __init__(self, cache: TokenCache, seq_len: int, document_starts: bool = False):
+        self.cache, self.seq_len, self.with_starts = cache, seq_len, document_starts
+        self._tokens = self._starts = None  # opened lazily: DataLoader workers map the files, not pickle them
 
     def __len__(self):
         return max(0, (self.cache.num_tokens - 1) // self.seq_len)
 
     def __getstate__(self):
-        return {**self.__dict__, "_tokens": None}
+        return {**self.__dict__, "_tokens": None, "_starts": None}
 
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):
             raise IndexError(f"block {i} out of range (0..{len(self) - 1})")
         if self._tokens is None:
-            self._tokens = self.cache.array()
-        block = torch.from_numpy(self._tokens[i * self.seq_len : (i + 1) * self.seq_len + 1].astype(np.int64))
-        return {"input_ids": block[:-1], "labels": block[1:]}
+            self._tokens, self._starts = self.cache.array(), self.cache.document_starts()
+        begin, end = i * self.seq_len, (i + 1) * self.seq_len
+        block = torch.from_numpy(self._tokens[begin : end + 1].astype(np.int64))
+        example = {"input_ids": block[:-1], "labels": block[1:]}
+        if self.with_starts:
+            inside = self._starts[np.searchsorted(self._starts, begin) : np.searchsorted(self._starts, end)]
+            starts = torch.zeros(self.seq_len, dtype=torch.bool)
+            starts[torch.from_numpy(inside - begin)] = True
+            example["document_starts"] = starts
+        return example
 

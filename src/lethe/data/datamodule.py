@@ -104,19 +104,34 @@ def _plain(node):
     return dict(node)
 
 
+def cross_document_setting(data_cfg) -> bool | None:
+    """A data config's data.cross_document: None for data without documents to pack (the
+    synthetic tasks), true for an LMDataModule config written before the switch existed (its
+    blocks ran across documents), else the value."""
+    data_cfg = data_cfg or {}
+    if not str(data_cfg.get("_target_", "")).endswith("LMDataModule"):
+        return None
+    return data_cfg.get("cross_document", True)
+
+
 class LMDataModule(L.LightningDataModule):
     def __init__(self, source: dict, tokenizer: dict, seq_len: int, batch_size: int = 8, eval_batch_size=None,
                  num_workers: int = 0, num_proc=None, cache_dir="data", seed: int = 0, undecodable: str = "skip",
-                 max_tokens=None):
+                 max_tokens=None, cross_document: bool = False):
         """source: the corpus spec (`_target_` a corpus function, lethe.data.sources); tokenizer:
         the tokenizer spec (`_target_` a builder, lethe.data.tokenizer); num_proc: datasets.map worker processes for tokenization (None:
         min(4, cpu count)); undecodable: skip or error on non-UTF-8 local data; max_tokens: cap on
-        each split's token stream (an int, or {train, val, test: int | null})."""
+        each split's token stream (an int, or {train, val, test: int | null}); cross_document:
+        false gives every block its document starts (batch["document_starts"]), where the model
+        resets, true lets a block's context run across the documents packed into it."""
         super().__init__()
         self.source_spec, self.tokenizer_spec = _plain(source), _plain(tokenizer)
         for key, value in (("seq_len", seq_len), ("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch_size or 1)):
             require_int(key, value)
         require(undecodable in ("skip", "error"), "data.undecodable", undecodable, "skip or error")
+        require(isinstance(cross_document, bool), "data.cross_document", cross_document,
+                "false (reset at every document start) or true (context crosses documents)")
+        self.cross_document = cross_document
         caps = _plain(max_tokens) if isinstance(max_tokens, dict) or hasattr(max_tokens, "keys") else {s: max_tokens for s in SPLITS}
         if set(caps) - set(SPLITS) or any(v is not None and (not isinstance(v, int) or v < 1) for v in caps.values()):
             raise ConfigError(f"data.max_tokens={max_tokens!r}; use a positive int or {{train, val, test: int or null}}")
@@ -139,14 +154,15 @@ class LMDataModule(L.LightningDataModule):
         if self.blocks:
             return
         for split in SPLITS:
-            blocks = TokenBlocks(self.caches[split], self.seq_len)
+            blocks = TokenBlocks(self.caches[split], self.seq_len, document_starts=not self.cross_document)
             if len(blocks) == 0:
                 more = "more documents" + ("" if split == "train" else f", or a larger data.source.holdout.{split} if the split is carved")
                 raise DataError(f"split '{split}' has {self.caches[split].num_tokens} tokens but one block needs "
                                 f"seq_len+1 = {self.seq_len + 1}; lower seq_len or add data ({more})")
             self.blocks[split] = blocks
-        log.info("data: %s, fingerprint %s, vocab %d; tokens %s; blocks of %d: %s", self.corpus.name, self.fingerprint,
-                 self.vocab_size, self.token_counts, self.seq_len, {s: len(b) for s, b in self.blocks.items()})
+        log.info("data: %s, fingerprint %s, vocab %d; tokens %s; blocks of %d: %s; %s", self.corpus.name, self.fingerprint,
+                 self.vocab_size, self.token_counts, self.seq_len, {s: len(b) for s, b in self.blocks.items()},
+                 "context crosses documents" if self.cross_document else "state resets at every document start")
 
     def _build(self):
         if self.caches:

@@ -81,18 +81,21 @@ class LanguageModel(nn.Module):
                 with torch.no_grad():
                     p.div_(scale)
 
-    def forward(self, input_ids, states: list | None = None):
+    def forward(self, input_ids, states: list | None = None, document_starts=None):
         """input_ids (batch, length) -> logits (batch, length, padded_vocab_size), float32.
 
         With `states` (from `empty_states`), the tokens continue the sequence those states hold
         and the states advance past them: call it once with the prompt (prefill), then with one
-        token at a time (decoding).
+        token at a time (decoding). With `document_starts` (batch, length) bool, true where a
+        packed document starts, every layer resets there: no document sees another.
         """
         if states is None:
             self.check_length(input_ids.shape[1], "input length", "raise model.max_seq_len or lower seq_len")
+        if document_starts is not None and document_starts.shape != input_ids.shape:
+            raise ValueError(f"document_starts has shape {tuple(document_starts.shape)}, input_ids {tuple(input_ids.shape)}")
         h = self.embedding(input_ids)
         for layer, state in zip(self.layers, states or [None] * len(self.layers)):
-            h = layer(h, state)
+            h = layer(h, state, document_starts)
         return self.lm_head(self.norm_f(h)).float()
 
     def check_length(self, length: int, what: str, fix: str) -> None:

@@ -5,6 +5,7 @@ import math
 from lethe.errors import require, require_int, require_positive
 from lethe.models.lm import LanguageModel, constructor_args
 from lethe.modules import Block, CausalSelfAttention, SwiGLU
+from lethe.modules.attention import ATTENTION_IMPLS
 
 
 def default_d_ff(d_model: int) -> int:
@@ -29,6 +30,7 @@ class TransformerLM(LanguageModel):
         norm_eps: float = 1e-5,
         pad_vocab_multiple: int = 8,
         residual_in_fp32: bool = True,
+        attention_impl: str = "auto",
     ):
         config = constructor_args(locals())
         self.validate_common(vocab_size, d_model, n_layer, norm_eps, pad_vocab_multiple)
@@ -39,12 +41,13 @@ class TransformerLM(LanguageModel):
             require_int("model.d_ff", d_ff)
         require_int("model.max_seq_len", max_seq_len)
         require_positive("model.rope_theta", rope_theta)
+        require(attention_impl in ATTENTION_IMPLS, "model.attention_impl", attention_impl, f"one of {', '.join(ATTENTION_IMPLS)}")
 
         d_ff = default_d_ff(d_model) if d_ff is None else d_ff
         blocks = [
             Block(
                 d_model,
-                CausalSelfAttention(d_model, n_head, rope_theta),
+                CausalSelfAttention(d_model, n_head, rope_theta, attention_impl),
                 SwiGLU(d_model, d_ff),
                 norm_eps=norm_eps,
                 residual_in_fp32=residual_in_fp32,

@@ -26,9 +26,10 @@ class Block(nn.Module):
             return residual.to(dtype) + update.to(dtype)
         return residual.to(update.dtype) + update
 
-    def forward(self, h, state=None):
-        """`state`: the mixer's decoding state (Mamba's recurrent state, attention's KV cache)."""
-        h = self._add(h, self.mixer(self.norm(h)) if state is None else self.mixer(self.norm(h), state))
+    def forward(self, h, state=None, document_starts=None):
+        """`state`: the mixer's decoding state (Mamba's recurrent state, attention's KV cache);
+        `document_starts`: where the packed documents of each row start (lethe.ops.documents)."""
+        h = self._add(h, self.mixer(self.norm(h), state, document_starts))
         if self.mlp is not None:
             h = self._add(h, self.mlp(self.norm2(h)))
         return h

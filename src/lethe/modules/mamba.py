@@ -151,9 +151,10 @@ class MambaMixer(nn.Module):
         """A state for recurrent decoding; its size does not depend on max_length."""
         return MambaState()
 
-    def forward(self, hidden, state: MambaState | None = None):
+    def forward(self, hidden, state: MambaState | None = None, document_starts=None):
         """hidden: (batch, length, d_model) -> (batch, length, d_model). With `state`, continue
-        from it and leave the state after the last token in it.
+        from it and leave the state after the last token in it. With `document_starts` (batch,
+        length) bool, the conv window and the SSM state restart empty at every document start.
 
         Inside, every tensor is channel-major, (batch, channels, length): the layout of the conv
         and scan kernels. Each projection is a matmul oriented to read and write that layout
@@ -162,11 +163,12 @@ class MambaMixer(nn.Module):
         x, z = (project(w, b, hidden.mT) for w, b in zip(self.in_proj.weight.chunk(2), self._in_proj_biases()))
         weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias
         if state is None:
-            x = causal_conv1d(x, weight, bias, activation="silu")
-            y, _ = self.ssm(x, z)
+            x = causal_conv1d(x, weight, bias, activation="silu", document_starts=document_starts)
+            y, _ = self.ssm(x, z, document_starts=document_starts)
         else:
-            x, conv_state = causal_conv1d(x, weight, bias, "silu", initial_states=state.conv, return_final_states=True)
-            y, ssm_state = self.ssm(x, z, initial_state=state.ssm)
+            x, conv_state = causal_conv1d(x, weight, bias, "silu", initial_states=state.conv, return_final_states=True,
+                                          document_starts=document_starts)
+            y, ssm_state = self.ssm(x, z, initial_state=state.ssm, document_starts=document_starts)
             state.update(conv_state, ssm_state)
         out = torch.matmul(y.mT, self.out_proj.weight.mT.expand(y.shape[0], -1, -1))  # (batch, length, d_model)
         return out if self.out_proj.bias is None else out + self.out_proj.bias
@@ -174,7 +176,7 @@ class MambaMixer(nn.Module):
     def _in_proj_biases(self):
         return (None, None) if self.in_proj.bias is None else self.in_proj.bias.chunk(2)
 
-    def ssm(self, x, z=None, initial_state=None):
+    def ssm(self, x, z=None, initial_state=None, document_starts=None):
         """The SSM on the convolved signal x (batch, d_inner, length): y = scan(x) + D * x, times
         silu(z) when z is given. With nothing selective this is a fixed causal convolution of x.
         Returns y and the last state (batch, d_inner, d_state)."""
@@ -195,5 +197,5 @@ class MambaMixer(nn.Module):
         A = -torch.exp(self.A_log)
         return selective_scan(
             x, delta, A, B, C, D=self.D, z=z, delta_bias=self.delta_bias, delta_softplus=True,
-            initial_state=initial_state, impl=self.scan_impl,
+            initial_state=initial_state, impl=self.scan_impl, document_starts=document_starts,
         )

@@ -10,7 +10,8 @@ On CPU tensors (float32, bfloat16, float16) a sequence goes through Lethe's fuse
 forward and backward, states in and out, deterministic gradients; it is the custom op
 `lethe::causal_conv1d_fwd` / `_bwd`, which torch.compile traces without a graph break. On CUDA
 tensors the optional `causal-conv1d` package (`pip install -e .[cuda]`) when it imports:
-`causal_conv1d_fn` for a sequence from zeros, `causal_conv1d_update` for a decoding step. Anything
+`causal_conv1d_fn` for a sequence from zeros (with packed documents through its `seq_idx`, where
+the installed version has it), `causal_conv1d_update` for a decoding step. Anything
 else (float64, a kernel that did not build, a decoding step on CPU) takes F.conv1d or the
 window's dot product. The package is imported lazily; a broken install is reported once and never
 raised.
@@ -18,11 +19,13 @@ raised.
 
 import importlib
 import importlib.util
+import inspect
 import warnings
 
 import torch
 import torch.nn.functional as F
 
+from lethe.ops.documents import document_ids, tap_mask
 from lethe.ops.kernel_build import unavailable
 
 PACKAGE_WIDTHS = (2, 3, 4)  # the widths causal-conv1d's kernels are built for
@@ -49,6 +52,11 @@ def _package_for(x, width, activation):
     return cuda_package()
 
 
+def _takes_seq_idx(package) -> bool:
+    """Whether this causal-conv1d version resets at document boundaries (seq_idx, from 1.2)."""
+    return "seq_idx" in inspect.signature(package.causal_conv1d_fn).parameters
+
+
 def _left_context(x, width, initial_states):
     """x with the width-1 inputs before it prepended: zeros, or the carried state."""
     if initial_states is None:
@@ -62,14 +70,14 @@ kernel_unavailable = torch.compiler.assume_constant_result(unavailable)
 
 
 def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, initial_states: torch.Tensor | None,
-              silu: bool, return_final: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(torch.ops.lethe_conv_cpu.conv_fwd(x, weight, bias, initial_states, silu, return_final))
+              taps: torch.Tensor | None, silu: bool, return_final: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(torch.ops.lethe_conv_cpu.conv_fwd(x, weight, bias, initial_states, taps, silu, return_final))
 
 
 def _conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, initial_states: torch.Tensor | None,
-              silu: bool, grad_out: torch.Tensor, grad_final: torch.Tensor | None
+              taps: torch.Tensor | None, silu: bool, grad_out: torch.Tensor, grad_final: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(torch.ops.lethe_conv_cpu.conv_bwd(x, weight, bias, initial_states, silu, grad_out, grad_final))
+    return tuple(torch.ops.lethe_conv_cpu.conv_bwd(x, weight, bias, initial_states, taps, silu, grad_out, grad_final))
 
 
 conv_fwd_op = torch.library.custom_op("lethe::causal_conv1d_fwd", _conv_fwd, mutates_args=())
@@ -77,31 +85,32 @@ conv_bwd_op = torch.library.custom_op("lethe::causal_conv1d_bwd", _conv_bwd, mut
 
 
 @conv_fwd_op.register_fake
-def _(x, weight, bias, initial_states, silu, return_final):
+def _(x, weight, bias, initial_states, taps, silu, return_final):
     final_shape = (x.shape[0], x.shape[1], weight.shape[1] - 1) if return_final else (0,)
     return torch.empty_like(x), x.new_empty(final_shape, dtype=torch.float32)
 
 
 @conv_bwd_op.register_fake
-def _(x, weight, bias, initial_states, silu, grad_out, grad_final):
+def _(x, weight, bias, initial_states, taps, silu, grad_out, grad_final):
     def like(t):
         return torch.empty_like(t) if t is not None else x.new_empty(0, dtype=torch.float32)
     return torch.empty_like(x), torch.empty_like(weight), like(bias), like(initial_states)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, initial_states, silu, _ = inputs
-    ctx.save_for_backward(x, weight, bias, initial_states)
+    x, weight, bias, initial_states, taps, silu, _ = inputs
+    ctx.save_for_backward(x, weight, bias, initial_states, taps)
     ctx.silu = silu
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_final):
-    x, weight, bias, initial_states = ctx.saved_tensors
+    x, weight, bias, initial_states, taps = ctx.saved_tensors
     grad_out = torch.zeros_like(x) if grad_out is None else grad_out.contiguous()
     grad_final = None if grad_final is None else grad_final.float().contiguous()
-    grad_x, grad_w, grad_b, grad_init = conv_bwd_op(x, weight, bias, initial_states, ctx.silu, grad_out, grad_final)
-    return grad_x, grad_w, grad_b if bias is not None else None, grad_init if initial_states is not None else None, None, None
+    grad_x, grad_w, grad_b, grad_init = conv_bwd_op(x, weight, bias, initial_states, taps, ctx.silu, grad_out, grad_final)
+    return (grad_x, grad_w, grad_b if bias is not None else None, grad_init if initial_states is not None else None,
+            None, None, None)
 
 
 conv_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -112,15 +121,26 @@ def _use_kernel(x, width, activation) -> bool:
             and activation in (None, "silu") and kernel_unavailable("conv_cpu") is None)
 
 
-def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, return_final_states=False):
+def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, return_final_states=False,
+                  document_starts=None):
     """x: (batch, channels, length); weight: (channels, width); bias: (channels,) or None;
-    initial_states: (batch, channels, width - 1) or None (zeros).
+    initial_states: (batch, channels, width - 1) or None (zeros); document_starts: (batch, length)
+    bool, true where a packed document begins: no tap reads across it (ops/documents.py).
 
     Returns the output (batch, channels, length), and with `return_final_states` also the last
     width-1 inputs (batch, channels, width - 1): the state the next segment continues from.
     """
     channels, width = weight.shape
+    taps = None if document_starts is None else tap_mask(document_starts, width)
     package = _package_for(x, width, activation)
+    if taps is not None and not _use_kernel(x, width, activation):
+        if package is not None and initial_states is None and not return_final_states and _takes_seq_idx(package):
+            # the package resets where seq_idx changes, in its channels-last layout only
+            channels_last = x.transpose(1, 2).contiguous().transpose(1, 2)
+            seq_idx = document_ids(document_starts).to(torch.int32).contiguous()
+            return package.causal_conv1d_fn(channels_last, weight.contiguous(), bias, seq_idx=seq_idx, activation=activation)
+        out = causal_conv1d_reference(x, weight, bias, activation, initial_states, document_starts)
+        return (out, _left_context(x, width, initial_states)[:, :, -(width - 1):]) if return_final_states else out
     if package is not None and x.shape[-1] == 1 and initial_states is not None:
         # A decoding step: the package shifts the window in place, so it gets a copy.
         state = initial_states.to(x.dtype).contiguous().clone()
@@ -131,7 +151,7 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, re
     if _use_kernel(x, width, activation):
         def fp32(t):
             return None if t is None else t.float().contiguous()
-        out, final = conv_fwd_op(x.contiguous(), fp32(weight), fp32(bias), fp32(initial_states), activation == "silu",
+        out, final = conv_fwd_op(x.contiguous(), fp32(weight), fp32(bias), fp32(initial_states), taps, activation == "silu",
                                  bool(return_final_states))
         return (out, final) if return_final_states else out
 
@@ -149,12 +169,17 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, re
     return out
 
 
-def causal_conv1d_reference(x, weight, bias=None, activation=None, initial_states=None):
-    """Explicit sum over the window: out[t] = sum_k weight[k] * x[t - width + 1 + k]."""
+def causal_conv1d_reference(x, weight, bias=None, activation=None, initial_states=None, document_starts=None):
+    """Explicit sum over the window: out[t] = sum_k weight[k] * x[t - width + 1 + k], a tap left out
+    where it would read the previous packed document."""
     _, width = weight.shape
     length = x.shape[-1]
     padded = _left_context(x, width, initial_states)
-    out = sum(weight[None, :, k, None] * padded[:, :, k : k + length] for k in range(width))
+    if document_starts is None:
+        taps = torch.ones(1, width, length, dtype=x.dtype, device=x.device)
+    else:
+        taps = tap_mask(document_starts, width).to(x.dtype)
+    out = sum(weight[None, :, k, None] * padded[:, :, k : k + length] * taps[:, None, k] for k in range(width))
     if bias is not None:
         out = out + bias[None, :, None]
     return F.silu(out) if activation == "silu" else out

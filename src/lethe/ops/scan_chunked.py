@@ -85,7 +85,7 @@ def _channel_blocks(batch, channels, padded_length, d_state):
 class _Chunked:
     """Per-call geometry and the chunk-layout views of B and C shared by all channel blocks."""
 
-    def __init__(self, u, A, B, C):
+    def __init__(self, u, A, B, C, document_starts=None):
         self.batch, self.channels, self.length = u.shape
         self.chunk = _chunk_length(self.length)
         self.padded_length = -(-self.length // self.chunk) * self.chunk
@@ -93,6 +93,10 @@ class _Chunked:
         self.B = _to_chunks(B, self.chunk, self.padded_length).permute(0, 1, 3, 2)[:, :, None].contiguous()
         self.C = _to_chunks(C, self.chunk, self.padded_length).permute(0, 1, 3, 2)[:, :, None].contiguous()
         self.last = ((self.length - 1) % self.chunk, (self.length - 1) // self.chunk)
+        # (b, L) -> (T, b, 1, K, 1): 0 where a document starts (the state before it is dropped); padding keeps 1
+        self.keep = None
+        if document_starts is not None:
+            self.keep = (1 - _to_chunks(document_starts.to(u.dtype)[:, None], self.chunk, self.padded_length))[..., None]
         self.blocks = _channel_blocks(self.batch, self.channels, self.padded_length, A.shape[1])
 
     def states(self, u, delta, A, h0):
@@ -103,27 +107,29 @@ class _Chunked:
         delta = _to_chunks(delta, self.chunk, self.padded_length)
         du = delta * _to_chunks(u, self.chunk, self.padded_length)
         a = torch.exp(delta[..., None] * A[:, None, :])
+        if self.keep is not None:
+            a = a * self.keep
         h = _scan_forward(a.clone(), du[..., None] * self.B, h0)
         return delta, du, a, h
 
 
 class ChunkedSelectiveScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, h0):
-        geo = _Chunked(u, A, B, C)
+    def forward(ctx, u, delta, A, B, C, h0, document_starts):
+        geo = _Chunked(u, A, B, C, document_starts)
         y = u.new_empty(u.shape)
         last = u.new_empty(geo.batch, geo.channels, A.shape[1])
         for blk in geo.blocks:
             _, _, _, h = geo.states(u[:, blk], delta[:, blk], A[blk], None if h0 is None else h0[:, blk])
             y[:, blk] = _from_chunks((h * geo.C).sum(-1), geo.length)
             last[:, blk] = h[geo.last[0], :, :, geo.last[1]]
-        ctx.save_for_backward(u, delta, A, B, C, h0)
+        ctx.save_for_backward(u, delta, A, B, C, h0, document_starts)
         return y, last
 
     @staticmethod
     def backward(ctx, grad_y, grad_last):
-        u, delta, A, B, C, h0 = ctx.saved_tensors
-        geo = _Chunked(u, A, B, C)
+        u, delta, A, B, C, h0, document_starts = ctx.saved_tensors
+        geo = _Chunked(u, A, B, C, document_starts)
         grad_u, grad_delta, grad_A = torch.zeros_like(u), torch.zeros_like(delta), torch.zeros_like(A)
         grad_B = torch.zeros_like(geo.B[:, :, 0])  # (T, b, K, n), chunk layout
         grad_C = torch.zeros_like(grad_B)
@@ -154,9 +160,10 @@ class ChunkedSelectiveScan(torch.autograd.Function):
         def unchunk(grad):  # (T, b, K, n) -> (b, n, L)
             return _from_chunks(grad.permute(0, 1, 3, 2), geo.length)
 
-        return grad_u, grad_delta, grad_A, unchunk(grad_B), unchunk(grad_C), grad_h0
+        return grad_u, grad_delta, grad_A, unchunk(grad_B), unchunk(grad_C), grad_h0, None
 
 
-def scan_chunked(u, delta, A, B, C, initial_state=None):
-    """Same contract as `scan_reference`: returns y (b, d, l) and the last state (b, d, n)."""
-    return ChunkedSelectiveScan.apply(u, delta, A, B, C, initial_state)
+def scan_chunked(u, delta, A, B, C, initial_state=None, document_starts=None):
+    """The recurrence alone (delta after softplus, no D or gate): y (b, d, l) and the last state
+    (b, d, n). document_starts (b, l): where a document starts, the state before it is dropped."""
+    return ChunkedSelectiveScan.apply(u, delta, A, B, C, initial_state, document_starts)

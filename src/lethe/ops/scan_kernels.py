@@ -52,21 +52,22 @@ def _n_chunks(u) -> int:
 def _scan_fwd(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
-    initial_state: torch.Tensor | None, delta_softplus: bool,
+    initial_state: torch.Tensor | None, keep: torch.Tensor | None, delta_softplus: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns y, the last state, the chunk-entering states and (with z) y before the gate."""
-    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, CHUNK[u.device.type])
+    """Returns y, the last state, the chunk-entering states and (with z) y before the gate. keep
+    (batch, length) float32: 0 where a document starts (that step's decay is 0), else 1."""
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, keep, delta_softplus, CHUNK[u.device.type])
     return tuple(_launch("scan_fwd", u, args))
 
 
 def _scan_bwd(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
-    initial_state: torch.Tensor | None, delta_softplus: bool, saved: torch.Tensor, y_pre: torch.Tensor,
-    grad_y: torch.Tensor, grad_last: torch.Tensor | None,
+    initial_state: torch.Tensor | None, keep: torch.Tensor | None, delta_softplus: bool, saved: torch.Tensor,
+    y_pre: torch.Tensor, grad_y: torch.Tensor, grad_last: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of u, delta, A, B, C, D, z, delta_bias, initial_state (empty where the input is None)."""
-    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, CHUNK[u.device.type], saved)
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, keep, delta_softplus, CHUNK[u.device.type], saved)
     return tuple(_launch("scan_bwd", u, (*args, y_pre, grad_y, grad_last)))
 
 
@@ -76,7 +77,7 @@ selective_scan_bwd = torch.library.custom_op("lethe::selective_scan_bwd", _scan_
 
 
 @selective_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, keep, delta_softplus):
     batch, channels, _ = u.shape
     d_state = A.shape[1]
     y_pre = u.new_empty(u.shape) if z is not None else u.new_empty(0)
@@ -85,7 +86,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
 
 
 @selective_scan_bwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, saved, y_pre, grad_y, grad_last):
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, keep, delta_softplus, saved, y_pre, grad_y, grad_last):
     def like(t):
         return torch.empty_like(t) if t is not None else u.new_empty(0, dtype=torch.float32)
     grad_z = torch.empty_like(u) if z is not None else u.new_empty(0)
@@ -94,9 +95,9 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, saved,
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus = inputs
+    u, delta, A, B, C, D, z, delta_bias, initial_state, keep, delta_softplus = inputs
     _, _, saved, y_pre = output
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, saved, y_pre)
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, keep, saved, y_pre)
     ctx.delta_softplus = delta_softplus
     ctx.mark_non_differentiable(saved, y_pre)
     ctx.set_materialize_grads(False)  # an unused last state stays None instead of a tensor of zeros
@@ -104,13 +105,14 @@ def _setup_context(ctx, inputs, output):
 
 def _gradients(scan_bwd, ctx, grad_y, grad_last):
     """The backward of the forward op, through `scan_bwd` (the custom op or its implementation)."""
-    u, delta, A, B, C, D, z, delta_bias, initial_state, saved, y_pre = ctx.saved_tensors
+    u, delta, A, B, C, D, z, delta_bias, initial_state, keep, saved, y_pre = ctx.saved_tensors
     grad_y = torch.zeros_like(u) if grad_y is None else grad_y.contiguous()
     grad_last = None if grad_last is None else grad_last.contiguous()
-    grads = scan_bwd(u, delta, A, B, C, D, z, delta_bias, initial_state, ctx.delta_softplus, saved, y_pre, grad_y, grad_last)
+    grads = scan_bwd(u, delta, A, B, C, D, z, delta_bias, initial_state, keep, ctx.delta_softplus, saved, y_pre, grad_y,
+                     grad_last)
     optional_inputs = {5: D, 6: z, 7: delta_bias, 8: initial_state}
     grads = [None if optional_inputs.get(i, True) is None else g for i, g in enumerate(grads)]
-    return (*grads, None)
+    return (*grads, None, None)  # keep and delta_softplus have none
 
 
 selective_scan_fwd.register_autograd(lambda ctx, grad_y, grad_last, _grad_saved, _grad_y_pre:
@@ -141,10 +143,11 @@ def _plain_eager() -> bool:
                 or _get_current_dispatch_mode() is not None)
 
 
-def scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, initial_state=None):
+def scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, initial_state=None, document_starts=None):
     """The whole selective scan (softplus, recurrence, C contraction, D skip, SiLU gate) in one
     kernel. u's dtype (float32, bfloat16 or float16) is the dtype of delta, B, C, z and y; A, D,
-    delta_bias and the states are float32. Returns y and the last state (float32)."""
+    delta_bias and the states are float32; document_starts (batch, length) true where a document starts.
+    Returns y and the last state (float32)."""
     dtype = u.dtype
 
     def like_u(t):
@@ -155,5 +158,6 @@ def scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
 
     scan = _EagerScan.apply if _plain_eager() else selective_scan_fwd
     y, last, _, _ = scan(u.contiguous(), like_u(delta), fp32(A), like_u(B), like_u(C), fp32(D), like_u(z),
-                         fp32(delta_bias), fp32(initial_state), bool(delta_softplus))
+                         fp32(delta_bias), fp32(initial_state), None if document_starts is None else fp32(~document_starts.bool()),
+                         bool(delta_softplus))
     return y, last

@@ -1,10 +1,11 @@
 """The selective scan behind one function, with interchangeable implementations.
 
     y, last_state = selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                   initial_state, impl="auto")
+                                   initial_state, impl="auto", document_starts=None)
 
 Shapes follow the official kernel: u, delta, z (batch, channels, length); A (channels, d_state);
-B, C (batch, d_state, length); D, delta_bias (channels,); states (batch, channels, d_state).
+B, C (batch, d_state, length); D, delta_bias (channels,); states (batch, channels, d_state);
+document_starts (batch, length) bool, where packed documents begin (every impl resets there).
 Inputs may be float32, bfloat16 or float16: all math and the state are float32 (float64 stays
 float64, for gradcheck). y comes back in u's dtype, the state in float32 (or float64).
 
@@ -56,7 +57,7 @@ def resolve_scan_impl(impl: str, device: torch.device, length: int | None = None
     return impl
 
 
-def _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state):
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, document_starts):
     batch, channels, length = u.shape
     d_state = A.shape[-1]
     expected = {
@@ -68,6 +69,7 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state):
         "z": (z, (batch, channels, length)),
         "delta_bias": (delta_bias, (channels,)),
         "initial_state": (initial_state, (batch, channels, d_state)),
+        "document_starts": (document_starts, (batch, length)),
     }
     for name, (tensor, shape) in expected.items():
         if tensor is not None and tuple(tensor.shape) != shape:
@@ -86,18 +88,22 @@ def selective_scan(
     delta_softplus=True,
     initial_state=None,
     impl="auto",
+    document_starts=None,
 ):
-    """Selective scan with the official kernel's semantics. Returns (y, last_state)."""
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    """Selective scan with the official kernel's semantics. Returns (y, last_state).
+
+    document_starts (batch, length), bool: true at the first step of every document packed into a row;
+    the state before that step is dropped (its decay is 0), so no document sees another."""
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, document_starts)
     impl = resolve_scan_impl(impl, u.device, u.shape[-1], u.dtype)
     if impl in FUSED_IMPLS:
-        return scan_kernels.scan_fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+        return scan_kernels.scan_fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, document_starts)
     if impl == "reference":
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
-    return _scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, document_starts)
+    return _scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, document_starts)
 
 
-def _scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+def _scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, document_starts):
     """The chunked recurrence (ops/scan_chunked.py) with the op's softplus, D skip and gate around it."""
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
     out_dtype = u.dtype
@@ -109,7 +115,7 @@ def _scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_s
         delta_c = F.softplus(delta_c)
     state = None if initial_state is None else initial_state.to(compute)
 
-    y, last_state = scan_chunked(u_c, delta_c, A.to(compute), B_c, C_c, state)
+    y, last_state = scan_chunked(u_c, delta_c, A.to(compute), B_c, C_c, state, document_starts)
 
     if D is not None:
         y = y + u_c * D.to(compute)[:, None]

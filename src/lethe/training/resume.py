@@ -17,6 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lethe.data.datamodule import cross_document_setting
 from lethe.data.tokenizer import tokenizer_fingerprint
 from lethe.errors import ConfigError
 from lethe.files import atomic_write
@@ -62,6 +63,8 @@ def check_same_run(ckpt_path, checkpoint: dict, cfg: DictConfig, datamodule) -> 
     meta, theirs = checkpoint["lethe"], OmegaConf.create(checkpoint["lethe"]["run_config"])
     changed = [f"{key}={OmegaConf.select(theirs, key)} -> {OmegaConf.select(cfg, key)}" for key in SAME_RUN_KEYS
                if OmegaConf.select(theirs, key) != OmegaConf.select(cfg, key)]
+    if cross_document_setting(theirs.get("data")) != cross_document_setting(cfg.get("data")):
+        changed.append(f"data.cross_document={cross_document_setting(theirs.get('data'))} -> {cross_document_setting(cfg.get('data'))}")
     if meta.get("corpus_fingerprint") != datamodule.fingerprint:
         changed.append(f"data (corpus fingerprint {meta.get('corpus_fingerprint')} -> {datamodule.fingerprint})")
     if tokenizer_fingerprint(tokenizer_from_files(meta["tokenizer_files"])) != tokenizer_fingerprint(datamodule.tokenizer):
