@@ -38,11 +38,12 @@ def document_ids(starts: torch.Tensor) -> torch.Tensor:
     return starts.long().cumsum(dim=-1)
 
 
-def attention_mask(starts: torch.Tensor) -> torch.Tensor:
-    """(batch, 1, length, length) bool, true where query i may attend key j: j <= i, same document."""
-    ids = document_ids(starts)
-    causal = torch.ones(starts.shape[-1], starts.shape[-1], dtype=torch.bool, device=starts.device).tril()
-    return (causal & (ids[:, :, None] == ids[:, None, :]))[:, None]
+def attention_mask(starts: torch.Tensor, queries: slice = slice(None), keys: slice = slice(None)) -> torch.Tensor:
+    """(batch, 1, queries, keys) bool, true where query i may attend key j: j <= i, same document
+    (by default every query and key of the row; slices give one tile of it)."""
+    ids, steps = document_ids(starts), torch.arange(starts.shape[-1], device=starts.device)
+    causal = steps[keys] <= steps[queries, None]
+    return (causal & (ids[:, queries, None] == ids[:, None, keys]))[:, None]
 
 
 _compiled_flex = None
@@ -91,18 +92,16 @@ QUERY_TILE = 256
 
 def _tiled_sdpa(q, k, v, starts):
     """SDPA with the boolean mask, a tile of QUERY_TILE queries at a time: each tile reads keys
-    only from the earliest document start among its first queries to its last query. A masked
-    SDPA cannot skip anything (it computes every query-key pair); tiles skip the future (as the
-    causal kernel does) and every key before the tile's documents."""
+    only from the start of its first query's document (the earliest of the tile) to its last
+    query. A masked SDPA alone computes every query-key pair (and holds a length x length mask);
+    tiles skip the future, as the causal kernel does, and every key before the tile's documents."""
     length = q.shape[-2]
-    mask = attention_mask(starts)
-    if length <= QUERY_TILE:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     document_start = torch.arange(length, device=starts.device) - document_positions(starts)[0]  # (batch, length)
     first_keys = document_start[:, ::QUERY_TILE].min(dim=0).values.tolist()
     tiles = []
     for tile, key_begin in enumerate(first_keys):
-        begin, end = tile * QUERY_TILE, min((tile + 1) * QUERY_TILE, length)
-        tiles.append(F.scaled_dot_product_attention(q[:, :, begin:end], k[:, :, key_begin:end], v[:, :, key_begin:end],
-                                                    attn_mask=mask[:, :, begin:end, key_begin:end]))
-    return torch.cat(tiles, dim=2)
+        end = min((tile + 1) * QUERY_TILE, length)
+        queries, keys = slice(tile * QUERY_TILE, end), slice(key_begin, end)
+        tiles.append(F.scaled_dot_product_attention(q[:, :, queries], k[:, :, keys], v[:, :, keys],
+                                                    attn_mask=attention_mask(starts, queries, keys)))
+    return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=2)
