@@ -22,6 +22,14 @@ def _deterministic_seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def hf_cache_in_tmp(tmp_path, monkeypatch):
+    """datasets' cache under the test's tmp_path: no test reads another's Arrow files."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """One token cache for every run of a test session (per xdist worker)."""

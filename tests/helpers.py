@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -20,6 +21,7 @@ from lethe.ops import SCAN_IMPL_CHOICES, selective_scan
 
 ROOT = Path(__file__).resolve().parents[1]
 BYTE_TOKENIZER = {"_target_": "lethe.data.tokenizer.byte_level"}
+BYTE_EOS = 256  # the byte tokenizer's <|endoftext|>
 NEOX_VOCAB = 50280  # GPT-NeoX tokenizer padded to a multiple of 8, the paper's
 # A small, fast slice of the stdlib corpus, and a run of seconds on it (experiment=smoke)
 SMALL_DATA = ["data.source.max_bytes=400000", "data.num_proc=1"]
@@ -104,6 +106,18 @@ def read_wandb_run(offline_run: Path) -> dict:
                           capture_output=True, text=True, timeout=120, env={**os.environ, "WANDB_MODE": "offline"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout)
+
+
+def column(ds, name="text") -> list:
+    return list(ds[name])
+
+
+def expected_stream(texts) -> np.ndarray:
+    """The packed stream of these documents under the byte tokenizer: UTF-8 bytes, <eos> between."""
+    out = []
+    for i, t in enumerate(texts):
+        out += ([BYTE_EOS] if i else []) + list(t.encode("utf-8"))
+    return np.array(out, dtype=np.int64)
 
 
 def sample_documents(n=60, seed=0):

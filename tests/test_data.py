@@ -1,4 +1,4 @@
-"""Data pipeline: sources, splits, tokenizers, packing, caches, resumable sampling, errors."""
+"""Data pipeline: sources, tokenizers, errors, the stdlib corpus, configs (packing and caches: test_token_cache.py)."""
 
 import logging
 import os
@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import datasets
 import hydra
 import numpy as np
 import pyarrow as pa
@@ -19,8 +18,10 @@ import lethe.data.cache
 import lethe.data.datamodule
 import lethe.data.tokenizer
 from helpers import (
+    BYTE_EOS,
     BYTE_TOKENIZER,
     assert_one_line,
+    column,
     data_config,
     local_dm,
     make_dm,
@@ -44,29 +45,14 @@ from lethe.errors import ConfigError, DataError
 STDLIB, HUB, LOCAL = "lethe.data.corpus.stdlib_corpus", "lethe.data.sources.hub_corpus", "lethe.data.sources.local_corpus"
 BPE, PRETRAINED = "lethe.data.tokenizer.trained_bpe", "lethe.data.tokenizer.pretrained"
 SMALL_STDLIB = {"_target_": STDLIB, "max_bytes": 300_000}
-EOS = 256  # the byte tokenizer's <|endoftext|>
 
-
-@pytest.fixture(autouse=True)
-def _hf_cache_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-
-
-def col(ds, name="text") -> list:
-    return list(ds[name])
-
-
-def expected_stream(texts) -> np.ndarray:
-    out = []
-    for i, t in enumerate(texts):
-        out += ([EOS] if i else []) + list(t.encode("utf-8"))
-    return np.array(out, dtype=np.int64)
+pytestmark = pytest.mark.usefixtures("hf_cache_in_tmp")
 
 
 # ---- tokenizers -----------------------------------------------------------------------------
 def test_byte_tokenizer_round_trips_any_utf8(tmp_path):
     tok = byte_tokenizer()
-    assert len(tok) == 257 and tok.eos_token_id == EOS
+    assert len(tok) == 257 and tok.eos_token_id == BYTE_EOS
     rng = random.Random(0)
     chars = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
     samples = ["", "\x00\r\n\t \x7f", "<|endoftext|> stays text", "😀 naïve Ωmega 中文", "".join(rng.choices(chars, k=2000))]
@@ -81,7 +67,7 @@ def test_byte_tokenizer_round_trips_any_utf8(tmp_path):
     for reloaded in (load_tokenizer(tmp_path / "tok"), AutoTokenizer.from_pretrained(tmp_path / "tok")):
         assert tokenizer_fingerprint(reloaded) == tokenizer_fingerprint(tok)
         assert reloaded.decode(list(samples[3].encode())) == samples[3]
-        assert reloaded.eos_token_id == EOS
+        assert reloaded.eos_token_id == BYTE_EOS
 
 
 def test_bpe_trains_deterministically_and_reloads_from_directory(tmp_path):
@@ -105,7 +91,7 @@ def test_bpe_is_trained_once_per_corpus_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(lethe.data.tokenizer, "train_bpe", lambda *a, **k: pytest.fail("BPE retrained"))
     dm2 = local_dm(tmp_path, tokenizer={"_target_": BPE, "vocab_size": 300})
     assert tokenizer_fingerprint(dm2.tokenizer) == tokenizer_fingerprint(dm.tokenizer)
-    text = col(dm.corpus.load()["val"], "text")[0]
+    text = column(dm.corpus.load()["val"], "text")[0]
     ids = np.asarray(dm2.caches["val"].array()[: len(dm.tokenizer.encode(text))], dtype=np.int64)
     assert ids.tolist() == dm.tokenizer.encode(text)  # the stream starts with the first val document
 
@@ -119,7 +105,7 @@ def test_local_files_and_globs_load(tmp_path, fmt):
     source = {"_target_": LOCAL, "path": str(tmp_path / "corpus" / "**" / f"*.{fmt}"), "holdout": {"val": 5, "test": 5}}
     dm = make_dm(tmp_path, source)
     dm.setup()
-    loaded = {s: col(ds, "text") for s, ds in dm.corpus.load().items()}
+    loaded = {s: column(ds, "text") for s, ds in dm.corpus.load().items()}
     assert sorted(sum(loaded.values(), [])) == sorted(texts)
     assert len(loaded["val"]) == len(loaded["test"]) == 5
     for split, split_texts in loaded.items():
@@ -135,7 +121,7 @@ def test_local_path_may_name_splits_explicitly(tmp_path):
     dm = make_dm(tmp_path, source)
     dm.setup()
     splits = dm.corpus.load()
-    assert col(splits["val"], "text") == texts[40:]
+    assert column(splits["val"], "text") == texts[40:]
     assert len(splits["test"]) == 4 and len(splits["train"]) == 36
 
 
@@ -154,8 +140,8 @@ def test_hub_loader_on_a_local_dataset_repo(tmp_path, streaming):
     dm = make_dm(tmp_path, source)
     dm.setup()
     splits = dm.corpus.load()
-    assert col(splits["val"], "text") == sample_documents(6, seed=2)
-    assert sorted(col(splits["train"], "text") + col(splits["test"], "text")) == sorted(sample_documents(30, seed=1)[:20])
+    assert column(splits["val"], "text") == sample_documents(6, seed=2)
+    assert sorted(column(splits["train"], "text") + column(splits["test"], "text")) == sorted(sample_documents(30, seed=1)[:20])
     assert len(splits["test"]) == 3
     if streaming:  # the bounded stream was snapshotted once; a new run reads the snapshot
         assert list((tmp_path / "cache" / "raw" / dm.corpus.fingerprint).glob("*.arrow"))
@@ -166,133 +152,8 @@ def test_wikitext_rows_are_grouped_into_articles(tmp_path):
     pq.write_table(pa.table({"text": rows}), tmp_path / "wiki.parquet")
     source = {"_target_": LOCAL, "path": str(tmp_path / "wiki.parquet"), "documents": "wikitext_articles", "holdout": {"val": 0, "test": 0}}
     corpus = open_corpus(source, tmp_path / "cache")
-    articles = col(corpus.load()["train"], "text")
+    articles = column(corpus.load()["train"], "text")
     assert articles == ["\n", " = Alpha = \n\n Alpha text . \n = = Section = = \n more . \n\n", " = Beta = \n Beta text . \n"]
-
-
-# ---- splits and packing --------------------------------------------------------------------
-def test_splits_are_deterministic_and_disjoint(tmp_path):
-    a = local_dm(tmp_path / "a").corpus.load()
-    b = local_dm(tmp_path / "b").corpus.load()
-    for split in ("train", "val", "test"):
-        assert col(a[split], "text") == col(b[split], "text")
-        assert len(a[split]) > 0
-    sets = [set(col(a[s], "text")) for s in ("train", "val", "test")]
-    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
-    assert set().union(*sets) == set(sample_documents(60))
-
-
-def test_packing_blocks_are_the_separated_stream(tmp_path):
-    dm = local_dm(tmp_path, seq_len=16)
-    for split in ("train", "val", "test"):
-        stream = expected_stream(col(dm.corpus.load()[split], "text"))
-        np.testing.assert_array_equal(np.asarray(dm.caches[split].array(), dtype=np.int64), stream)
-        assert dm.caches[split].array().dtype == np.uint16
-        n = dm.num_blocks(split)
-        assert n == (len(stream) - 1) // 16
-    val = list(dm.val_dataloader())
-    inputs = torch.cat([b["input_ids"] for b in val])
-    labels = torch.cat([b["labels"] for b in val])
-    assert inputs.dtype == labels.dtype == torch.long and inputs.shape == (dm.num_blocks("val"), 16)
-    stream = torch.from_numpy(expected_stream(col(dm.corpus.load()["val"], "text")))
-    for i in range(len(inputs)):
-        assert torch.equal(inputs[i], stream[i * 16 : (i + 1) * 16])
-        assert torch.equal(labels[i], stream[i * 16 + 1 : (i + 1) * 16 + 1])
-
-
-def stream_starts(stream: np.ndarray) -> np.ndarray:
-    """Where documents start, found independently of the cache's record: at 0 and at every <eos>
-    (the byte tokenizer's eos never comes out of text)."""
-    return np.concatenate([[0], np.flatnonzero(stream == EOS)])
-
-
-@pytest.mark.parametrize("pack_batch", [8192, 7])  # 7: documents packed across several writes
-def test_document_starts_are_recorded_beside_the_stream(tmp_path, monkeypatch, pack_batch):
-    monkeypatch.setattr(lethe.data.cache, "PACK_BATCH", pack_batch)
-    dm = local_dm(tmp_path, seq_len=16)
-    for split in ("train", "val", "test"):
-        cache = dm.caches[split]
-        stream = np.asarray(cache.array(), dtype=np.int64)
-        np.testing.assert_array_equal(cache.document_starts(), stream_starts(stream))
-        assert cache.num_documents == len(col(dm.corpus.load()[split]))
-    # every block flags the inputs where a document starts; labels and inputs are as before
-    stream = np.asarray(dm.caches["val"].array(), dtype=np.int64)
-    for i, batch in enumerate(dm.val_dataloader()):
-        assert batch["document_starts"].dtype == torch.bool and batch["document_starts"].shape == batch["input_ids"].shape
-        for row, (inputs, starts) in enumerate(zip(batch["input_ids"], batch["document_starts"])):
-            begin = (i * dm.eval_batch_size + row) * 16
-            expected = (inputs == EOS) | (begin == 0) & (torch.arange(16) == 0)
-            assert torch.equal(starts, expected)
-    crossing = local_dm(tmp_path, seq_len=16, cross_document=True)
-    assert set(next(iter(crossing.val_dataloader()))) == {"input_ids", "labels"}
-
-
-def test_cross_document_must_be_a_bool(tmp_path):
-    with pytest.raises(ConfigError, match="data.cross_document"):
-        local_dm(tmp_path, cross_document="no")
-
-
-def test_a_capped_stream_keeps_the_starts_inside_it(tmp_path):
-    full = local_dm(tmp_path)
-    capped = local_dm(tmp_path, max_tokens={"train": 100})
-    starts = full.caches["train"].document_starts()
-    np.testing.assert_array_equal(capped.caches["train"].document_starts(), starts[starts < 100])
-
-
-def test_a_cache_without_its_starts_is_rebuilt(tmp_path):
-    dm = local_dm(tmp_path)
-    dm.caches["train"].starts_path.unlink()
-    again = local_dm(tmp_path)
-    np.testing.assert_array_equal(again.caches["train"].document_starts(), dm.caches["train"].document_starts())
-
-
-def test_max_tokens_caps_a_split_and_changes_the_fingerprint(tmp_path):
-    full = local_dm(tmp_path)
-    capped = local_dm(tmp_path, max_tokens={"train": 100})
-    assert capped.token_counts["train"] == 100 and capped.token_counts["val"] == full.token_counts["val"]
-    np.testing.assert_array_equal(capped.caches["train"].array(), full.caches["train"].array()[:100])
-    assert capped.fingerprint != full.fingerprint
-
-
-def test_multiprocess_tokenization_matches_in_process(tmp_path, monkeypatch):
-    monkeypatch.setattr(lethe.data.cache, "MIN_DOCS_PER_PROCESS", 1)
-    one = local_dm(tmp_path / "one", num_proc=1)
-    two = local_dm(tmp_path / "two", num_proc=2)
-    for split in ("train", "val", "test"):
-        np.testing.assert_array_equal(one.caches[split].array(), two.caches[split].array())
-
-
-# ---- caches --------------------------------------------------------------------------------
-def test_cache_is_reused_without_tokenizing_again(tmp_path, monkeypatch):
-    first = local_dm(tmp_path)
-    mtimes = {s: c.path.stat().st_mtime_ns for s, c in first.caches.items()}
-    monkeypatch.setattr(lethe.data.datamodule, "build_cache", lambda *a, **k: pytest.fail("tokenized again"))
-    second = local_dm(tmp_path)
-    for split in ("train", "val", "test"):
-        assert second.caches[split].path == first.caches[split].path
-        assert second.caches[split].path.stat().st_mtime_ns == mtimes[split]
-        np.testing.assert_array_equal(second.caches[split].array(), first.caches[split].array())
-    leftovers = [p for p in (tmp_path / "cache").rglob(".*") if p.name.endswith(".tmp") or ".work-" in p.name]
-    assert not leftovers  # no temp files (lethe.files) or tokenizing work directories left behind
-
-
-def test_cache_without_sidecar_is_rebuilt(tmp_path):
-    dm = local_dm(tmp_path)
-    dm.caches["train"].path.with_suffix(".json").unlink()  # as if the run died between .bin and sidecar
-    again = local_dm(tmp_path)
-    np.testing.assert_array_equal(again.caches["train"].array(), dm.caches["train"].array())
-
-
-def test_cache_key_changes_with_tokenizer_and_source(tmp_path):
-    byte = local_dm(tmp_path)
-    bpe = local_dm(tmp_path, tokenizer={"_target_": BPE, "vocab_size": 300})
-    assert byte.caches["train"].path != bpe.caches["train"].path
-    assert byte.fingerprint == bpe.fingerprint  # same corpus
-    write_texts(tmp_path / "corpus" / "more.jsonl", ["one more document"], "jsonl")
-    dm = make_dm(tmp_path, {"_target_": LOCAL, "path": str(tmp_path / "corpus" / "*.jsonl"), "holdout": {"val": 0.15, "test": 0.15}})
-    dm.setup()
-    assert dm.fingerprint != byte.fingerprint
-    assert dm.caches["train"].path != byte.caches["train"].path
 
 
 # ---- errors: one line, naming the problem and the fix ------------------------------------
@@ -341,7 +202,7 @@ def test_undecodable_skip_and_error(tmp_path, caplog, sample_by):
     with caplog.at_level(logging.WARNING, logger="lethe.data"):
         dm = make_dm(tmp_path, source, undecodable="skip")
         dm.setup()
-    texts = sum((col(ds, "text") for ds in dm.corpus.load().values()), [])
+    texts = sum((column(ds, "text") for ds in dm.corpus.load().values()), [])
     assert not any("broken" in t for t in texts)
     assert any("fine line" in t for t in texts) == (sample_by == "line")  # a bad document goes whole
     assert "skipped 1 undecodable" in caplog.text
@@ -385,7 +246,7 @@ def test_pretrained_tokenizer_from_a_local_directory(tmp_path):
     bpe.save_pretrained(tmp_path / "tok")
     dm = local_dm(tmp_path, tokenizer={"_target_": PRETRAINED, "name": str(tmp_path / "tok")})
     assert dm.vocab_size == 280 and tokenizer_fingerprint(dm.tokenizer) == tokenizer_fingerprint(bpe)
-    text = col(dm.corpus.load()["val"])[0]
+    text = column(dm.corpus.load()["val"])[0]
     assert np.asarray(dm.caches["val"].array()[: len(bpe.encode(text))]).tolist() == bpe.encode(text)
 
 
@@ -396,8 +257,8 @@ def test_stdlib_corpus_is_stable_and_split_by_file(tmp_path):
     assert a.fingerprint.startswith("stdlib-cpython" if sys.implementation.name == "cpython" else "stdlib-")
     assert f"{sys.version_info.major}.{sys.version_info.minor}" in a.fingerprint
     sa, sb = a.load(), b.load()
-    paths = {s: col(sa[s], "path") for s in sa}
-    assert paths == {s: col(sb[s], "path") for s in sb}
+    paths = {s: column(sa[s], "path") for s in sa}
+    assert paths == {s: column(sb[s], "path") for s in sb}
     assert all(paths.values())
     train, val, test = (set(paths[s]) for s in ("train", "val", "test"))
     assert not (train & val or train & test or val & test)
@@ -406,7 +267,7 @@ def test_stdlib_corpus_is_stable_and_split_by_file(tmp_path):
     other = open_corpus({**SMALL_STDLIB, "max_bytes": 200_000}, tmp_path)
     assert other.fingerprint != a.fingerprint
     full = open_corpus({"_target_": STDLIB}, tmp_path)  # a file's split does not depend on the cap
-    full_split = {p: s for s, ps in full.load().items() for p in col(ps, "path")}
+    full_split = {p: s for s, ps in full.load().items() for p in column(ps, "path")}
     assert all(full_split[p] == s for s, ps in paths.items() for p in ps)
 
 
