@@ -150,14 +150,6 @@ void backward_row(const ConvProblem& p, int64_t row, const T* x, const T* grad_o
 
 void check(bool ok, const char* message) { TORCH_CHECK(ok, "lethe causal_conv1d (cpu kernel): ", message); }
 
-#define LETHE_CONV_DISPATCH(dtype, ...)                                              \
-  switch (dtype) {                                                                   \
-    case at::kFloat: { using scalar_t = float; __VA_ARGS__(); break; }                \
-    case at::kBFloat16: { using scalar_t = at::BFloat16; __VA_ARGS__(); break; }      \
-    case at::kHalf: { using scalar_t = at::Half; __VA_ARGS__(); break; }              \
-    default: check(false, "x must be float32, bfloat16 or float16");                  \
-  }
-
 ConvProblem make_problem(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& init,
                          const OptTensor& mask, bool silu) {
   check(x.dim() == 3 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous (batch, channels, length) CPU tensor");
@@ -194,7 +186,7 @@ std::tuple<Tensor, Tensor> conv_fwd(const Tensor& x, const Tensor& weight, const
   Tensor out = at::empty_like(x);
   Tensor final_state = return_final ? at::empty({p.batch, p.channels, p.width - 1}, x.options().dtype(at::kFloat))
                                     : at::empty({0}, x.options().dtype(at::kFloat));
-  LETHE_CONV_DISPATCH(x.scalar_type(), [&] {
+  LETHE_DISPATCH_ROW_TYPES(x.scalar_type(), "lethe causal_conv1d (cpu kernel)", "x", [&] {
     const scalar_t* in = x.data_ptr<scalar_t>();
     scalar_t* y = out.data_ptr<scalar_t>();
     float* fs = return_final ? final_state.data_ptr<float>() : nullptr;
@@ -218,7 +210,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bwd(const Tensor& x, const Tenso
   Tensor weight_rows = at::empty({p.batch, p.channels, p.width}, f32), bias_rows = at::empty({p.batch, p.channels}, f32);
   Tensor grad_init = init ? at::empty({p.batch, p.channels, keep}, f32) : at::empty({0}, f32);
   const RowGrads grads{weight_rows.data_ptr<float>(), bias_rows.data_ptr<float>(), init ? grad_init.data_ptr<float>() : nullptr};
-  LETHE_CONV_DISPATCH(x.scalar_type(), [&] {
+  LETHE_DISPATCH_ROW_TYPES(x.scalar_type(), "lethe causal_conv1d (cpu kernel)", "x", [&] {
     const scalar_t* in = x.data_ptr<scalar_t>();
     const scalar_t* dy = grad_out.data_ptr<scalar_t>();
     scalar_t* dx = grad_x.data_ptr<scalar_t>();

@@ -1,8 +1,10 @@
-// Row input and output of the CPU selective-scan kernel: one (batch, channel) row's length
+// Row input and output of the CPU kernels (scan and conv): one (batch, channel) row's length
 // of each (batch, channels, length) tensor, converted to and from float32.
 #pragma once
 
+#include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
@@ -13,6 +15,16 @@
 #include "cpu_vector_math.h"
 
 namespace lethe_cpu {
+
+// Runs the lambda with scalar_t the C++ type of `dtype`, one of the row types converted here;
+// any other dtype fails naming the kernel (`who`) and the tensor (`what`).
+#define LETHE_DISPATCH_ROW_TYPES(dtype, who, what, ...)                                            \
+  switch (dtype) {                                                                                 \
+    case at::kFloat: { using scalar_t = float; __VA_ARGS__(); break; }                              \
+    case at::kBFloat16: { using scalar_t = at::BFloat16; __VA_ARGS__(); break; }                    \
+    case at::kHalf: { using scalar_t = at::Half; __VA_ARGS__(); break; }                            \
+    default: TORCH_CHECK(false, who, ": ", what, " must be float32, bfloat16 or float16");          \
+  }
 
 // Elementwise passes over a row run fn(t, tag) for t in [0, n): whole Vecs first (tag Vec{}),
 // then the rest one float at a time (tag 0.0f). load_as / store_as read and write a T row at t

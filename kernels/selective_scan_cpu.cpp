@@ -183,14 +183,6 @@ void backward_row(const Problem& p, const BackwardIO<T>& io, int64_t row, int64_
 
 void check(bool ok, const char* message) { TORCH_CHECK(ok, "lethe selective_scan (cpu kernel): ", message); }
 
-#define LETHE_DISPATCH_FLOATS(dtype, ...)                                           \
-  switch (dtype) {                                                                  \
-    case at::kFloat: { using scalar_t = float; __VA_ARGS__(); break; }               \
-    case at::kBFloat16: { using scalar_t = at::BFloat16; __VA_ARGS__(); break; }     \
-    case at::kHalf: { using scalar_t = at::Half; __VA_ARGS__(); break; }             \
-    default: TORCH_CHECK(false, "lethe selective_scan (cpu kernel): inputs must be float32, bfloat16 or float16"); \
-  }
-
 // A, B and C in the kernel's layout: float32, d_state padded with zeros to a multiple of kLanes,
 // B and C time-major (batch, length, lanes) so one step's state is contiguous.
 struct StateOperands {
@@ -205,7 +197,7 @@ struct StateOperands {
   static Tensor time_major(const Tensor& x, int64_t lanes) {
     const int64_t batch = x.size(0), d_state = x.size(1), length = x.size(2);
     Tensor out = at::empty({batch, length, lanes}, x.options().dtype(at::kFloat));
-    LETHE_DISPATCH_FLOATS(x.scalar_type(), [&] {
+    LETHE_DISPATCH_ROW_TYPES(x.scalar_type(), "lethe selective_scan (cpu kernel)", "inputs", [&] {
       for (int64_t b = 0; b < batch; ++b)
         to_time_major(x.data_ptr<scalar_t>() + b * d_state * length, d_state, length, lanes, out.data_ptr<float>() + b * length * lanes);
     });
@@ -248,7 +240,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> scan_fwd(const Tensor& u, const Tenso
   Tensor last = at::empty({p.batch, p.channels, p.d_state}, u.options().dtype(at::kFloat));
   Tensor saved = at::empty({p.batch, p.channels, p.n_chunks, p.d_state}, u.options().dtype(at::kFloat));
   Tensor out_pre = z ? pool.empty_like(u) : at::empty({0}, u.options());
-  LETHE_DISPATCH_FLOATS(u.scalar_type(), [&] {
+  LETHE_DISPATCH_ROW_TYPES(u.scalar_type(), "lethe selective_scan (cpu kernel)", "inputs", [&] {
     const ForwardIO<scalar_t> io{u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), z ? z->data_ptr<scalar_t>() : nullptr,
                                  out.data_ptr<scalar_t>(), z ? out_pre.data_ptr<scalar_t>() : nullptr,
                                  last.data_ptr<float>(), saved.data_ptr<float>()};
@@ -308,7 +300,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   float* const dB_part = part->data();
   float* const dC_part = dB_part + part_size;
 
-  LETHE_DISPATCH_FLOATS(u.scalar_type(), [&] {
+  LETHE_DISPATCH_ROW_TYPES(u.scalar_type(), "lethe selective_scan (cpu kernel)", "inputs", [&] {
     const scalar_t* z_ptr = z ? z->data_ptr<scalar_t>() : nullptr;
     const scalar_t* out_pre_ptr = z ? out_pre.data_ptr<scalar_t>() : nullptr;
     scalar_t* grad_z_ptr = z ? grad_z.data_ptr<scalar_t>() : nullptr;
