@@ -57,7 +57,7 @@ class TokenCache:
 
     @property
     def starts_path(self) -> Path:
-        return self.path.with_suffix(".starts")
+        return starts_path(self.path)
 
     def array(self) -> np.ndarray:
         if self.num_tokens == 0:
@@ -69,6 +69,11 @@ class TokenCache:
         if self.num_documents == 0:
             return np.zeros(0, dtype=np.int64)
         return np.memmap(self.starts_path, dtype=np.int64, mode="r", shape=(self.num_documents,))
+
+
+def starts_path(path: Path) -> Path:
+    """Where the document starts of the stream at `path` (a .bin) are kept."""
+    return path.with_suffix(".starts")
 
 
 def cache_path(cache_dir, corpus_fingerprint: str, split: str, tokenizer_fp: str, max_tokens=None) -> Path:
@@ -130,7 +135,7 @@ def build_cache(docs: datasets.Dataset, tokenizer, path: Path, meta: dict, num_p
             cache_file_name=str(work / "ids.arrow"), load_from_cache_file=False,
             new_fingerprint=digest(path.name, size=8), desc=f"tokenize {meta.get('split', '')}",
         )
-        with atomic_write(path) as f, atomic_write(path.with_suffix(".starts")) as starts_file:
+        with atomic_write(path) as f, atomic_write(starts_path(path)) as starts_file:
             num_tokens, num_documents = _write_stream(ids, f, starts_file, dtype, eos, max_tokens, meta.get("split", ""))
     finally:
         shutil.rmtree(work, ignore_errors=True)

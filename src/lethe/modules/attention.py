@@ -10,8 +10,8 @@ Mamba's fixed-size state, the cache grows by one key and one value per token and
 
 With `document_starts` (packed documents, lethe.ops.documents) a token attends only to the earlier
 tokens of its own document (a block-diagonal causal mask) and its RoPE position counts from its
-document's start, so each document is scored as if it were alone. The mask goes to SDPA as a
-boolean tensor on CPU; on CUDA FlexAttention skips the blocks the mask empties.
+document's start, so each document is scored as if it were alone. On CPU SDPA takes the boolean
+mask a tile of queries at a time; on CUDA FlexAttention skips the blocks the mask empties.
 """
 
 from dataclasses import dataclass
@@ -76,7 +76,7 @@ class KVCache:
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_head: int, rope_theta: float = 10000.0, attention_impl: str = "auto"):
-        """attention_impl, for packed documents: sdpa (a boolean mask), flex (FlexAttention's block
+        """attention_impl, for packed documents: sdpa (a boolean mask, in query tiles), flex (FlexAttention's block
         mask; compiled on CUDA, eager elsewhere) or auto (flex on CUDA, else sdpa)."""
         super().__init__()
         if attention_impl not in ATTENTION_IMPLS:

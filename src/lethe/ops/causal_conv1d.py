@@ -131,9 +131,8 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, re
     width-1 inputs (batch, channels, width - 1): the state the next segment continues from.
     """
     channels, width = weight.shape
-    taps = None if document_starts is None else tap_mask(document_starts, width)
-    package = _package_for(x, width, activation)
-    if taps is not None and not _use_kernel(x, width, activation):
+    package, use_kernel = _package_for(x, width, activation), _use_kernel(x, width, activation)
+    if document_starts is not None and not use_kernel:
         if package is not None and initial_states is None and not return_final_states and _takes_seq_idx(package):
             # the package resets where seq_idx changes, in its channels-last layout only
             channels_last = x.transpose(1, 2).contiguous().transpose(1, 2)
@@ -148,9 +147,10 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, re
         return (out[:, :, None], state) if return_final_states else out[:, :, None]
     if package is not None and initial_states is None and not return_final_states:
         return package.causal_conv1d_fn(x.contiguous(), weight.contiguous(), bias, activation=activation)
-    if _use_kernel(x, width, activation):
+    if use_kernel:
         def fp32(t):
             return None if t is None else t.float().contiguous()
+        taps = None if document_starts is None else tap_mask(document_starts, width)
         out, final = conv_fwd_op(x.contiguous(), fp32(weight), fp32(bias), fp32(initial_states), taps, activation == "silu",
                                  bool(return_final_states))
         return (out, final) if return_final_states else out

@@ -5,7 +5,7 @@ Exactly the paper's recurrence, one step per time step, in float32 (float64 when
 float64, for gradcheck), with softplus, the delta bias, the D skip and the SiLU gate written out:
 
     delta_t = softplus(delta_t + delta_bias)
-    h_t     = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t       (h_{t-1} = 0 where resets_t: a new document)
+    h_t     = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t       (h_{t-1} = 0 where a document starts)
     y_t     = (<C_t, h_t> + D * u_t) * silu(z_t)
 
 Gradients come from autograd. It is slow by design: clarity over speed.

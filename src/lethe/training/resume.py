@@ -63,8 +63,9 @@ def check_same_run(ckpt_path, checkpoint: dict, cfg: DictConfig, datamodule) -> 
     meta, theirs = checkpoint["lethe"], OmegaConf.create(checkpoint["lethe"]["run_config"])
     changed = [f"{key}={OmegaConf.select(theirs, key)} -> {OmegaConf.select(cfg, key)}" for key in SAME_RUN_KEYS
                if OmegaConf.select(theirs, key) != OmegaConf.select(cfg, key)]
-    if cross_document_setting(theirs.get("data")) != cross_document_setting(cfg.get("data")):
-        changed.append(f"data.cross_document={cross_document_setting(theirs.get('data'))} -> {cross_document_setting(cfg.get('data'))}")
+    trained, now = cross_document_setting(theirs.get("data")), cross_document_setting(cfg.get("data"))
+    if trained != now:
+        changed.append(f"data.cross_document={trained} -> {now}")
     if meta.get("corpus_fingerprint") != datamodule.fingerprint:
         changed.append(f"data (corpus fingerprint {meta.get('corpus_fingerprint')} -> {datamodule.fingerprint})")
     if tokenizer_fingerprint(tokenizer_from_files(meta["tokenizer_files"])) != tokenizer_fingerprint(datamodule.tokenizer):
