@@ -5,6 +5,8 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
+# the model `make compare` pairs with its parameter-matched Transformer++ (any model option: mamba2-tiny, ...)
+MODEL ?= mamba-tiny
 PYTEST_ARGS ?=
 # pytest-xdist workers: the suite's end-to-end runs mostly wait on process start-up, so two beat one on 2 cores
 PYTEST_WORKERS ?= 2
@@ -74,8 +76,8 @@ import: install ## transformers dir -> Lethe checkpoint: make import HF=<local m
 	$(call need,OUT,checkpoint to write,mamba-130m.ckpt)
 	$(PYTHON) -m lethe.interop import $(HF) $(OUT) $(ARGS)
 
-compare: install ## mamba-tiny vs its parameter-matched Transformer++ (same data order and budget), then eval.py on both
-	$(PYTHON) train.py -m model=mamba-tiny baseline=none,matched task_name=compare hydra.sweep.dir=$(EXP_DIR) $(ARGS) $(AND_THEN) \
+compare: install ## MODEL (mamba-tiny) vs its parameter-matched Transformer++ (same data order and budget), then eval.py on both
+	$(PYTHON) train.py -m model=$(MODEL) baseline=none,matched task_name=compare hydra.sweep.dir=$(EXP_DIR) $(ARGS) $(AND_THEN) \
 	$(PYTHON) eval.py ckpt=$(EXP_DIR) max_tokens=262144 out_dir=$(EXP_DIR)/eval $(REPORT_STATUS)
 
 sweep: install ## a learning-rate sweep over both tiny models (Hydra multirun), then its report
@@ -95,8 +97,9 @@ ablation: install ## selective copying with each of delta/B/C input-dependent, a
 	  "model.selective={delta:true,B:true,C:true},{delta:false,B:false,C:false},{delta:true,B:false,C:false},{delta:false,B:true,C:false},{delta:false,B:false,C:true}" \
 	  $(AND_THEN) $(PYTHON) eval.py sweep=$(EXP_DIR) out_dir=$(EXP_DIR)/report $(REPORT_STATUS)
 
-induction: install ## induction heads: 2-layer Mamba vs Transformer++ trained at length 32, scored up to 4096
+induction: install ## induction heads: 2-layer Mamba, Mamba-2 and Transformer++ trained at length 32, scored up to 4096
 	$(PYTHON) train.py experiment=induction-heads hydra.run.dir=$(EXP_DIR)/mamba $(ARGS)
+	$(PYTHON) train.py experiment=induction-heads model=mamba2-tiny model.d_model=64 model.n_layer=2 hydra.run.dir=$(EXP_DIR)/mamba2 $(ARGS)
 	$(PYTHON) train.py experiment=induction-heads model=transformer-tiny model.d_ff=128 hydra.run.dir=$(EXP_DIR)/transformer $(ARGS)
 	$(PYTHON) eval.py ckpt=$(EXP_DIR) 'lengths=[1,2,8,32,128]' max_tokens=131072 out_dir=$(EXP_DIR)/eval
 

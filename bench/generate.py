@@ -1,8 +1,8 @@
-"""Generation speed and memory: Mamba's recurrent state against the Transformer's KV cache,
-parameter-matched pairs, side by side in one run.
+"""Generation speed and memory: Mamba's and Mamba-2's recurrent states against the
+Transformer's KV cache, parameter-matched models, side by side in one run.
 
-    python bench/generate.py                                   # the tiny pair, CPU-sized
-    python bench/generate.py --pairs mamba-130m:transformer-125m --vocab 50280 --device cuda
+    python bench/generate.py                                   # the tiny models, CPU-sized
+    python bench/generate.py --pairs mamba-130m:mamba2-130m:transformer-125m --vocab 50280 --device cuda
 
 For each batch size and prompt length: the prefill time (one parallel pass over the prompts),
 decoding throughput (new tokens per second over the whole batch, greedy, through
@@ -78,14 +78,15 @@ def measure(model, batch, prompt_length, new_tokens, device, repeats, cuda_graph
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", nargs="+", default=["mamba-tiny:transformer-tiny"], help="mamba:transformer model configs")
+    parser.add_argument("--pairs", nargs="+", default=["mamba-tiny:mamba2-tiny:transformer-tiny"],
+                        help="model configs compared together, ':'-separated, the last the baseline of the ratio column")
     parser.add_argument("--vocab", type=int, default=257, help="vocabulary size (257: the byte tokenizer)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompts", type=int, nargs="+", default=[128, 1024], help="prompt lengths")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--cuda-graph", action="store_true", help="replay Mamba's decoding steps as CUDA graphs")
+    parser.add_argument("--cuda-graph", action="store_true", help="replay Mamba's (and Mamba-2's) decoding steps as CUDA graphs")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"

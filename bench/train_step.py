@@ -1,6 +1,7 @@
 """Whole-model training steps side by side in one run: Lethe's Mamba (fused and chunked scans),
-its parameter-matched Transformer++, and transformers' MambaForCausalLM (the mamba.py parallel
-scan, and its default sequential path), the peers a CPU user would pick instead.
+its parameter-matched Mamba-2 (the reference's d_state 128 and headdim 64; fused and chunked SSD)
+and Transformer++, and transformers' MambaForCausalLM (the mamba.py parallel scan, and its
+default sequential path), the peers a CPU user would pick instead.
 
     python bench/train_step.py                                  # d_model 256, 4 layers, vocab 256, CPU
     python bench/train_step.py --shapes 4,512 1,2048 --rounds 5
@@ -30,12 +31,15 @@ def lethe_mamba(args, scan_impl):
     return MambaLM(vocab_size=args.vocab, d_model=args.d_model, n_layer=args.layers, scan_impl=scan_impl)
 
 
-def lethe_transformer(args):
-    mamba = {"_target_": "lethe.models.MambaLM", "d_model": args.d_model, "n_layer": args.layers}
-    matched, _ = MatchedBaseline()(mamba, args.vocab)
+def matched(args, family, **settings):
+    """The model of `family` parameter-matched to Lethe's Mamba at this width and depth (Mamba-2's
+    width moves in whole heads: within 5%, the table prints the counts)."""
     from hydra.utils import instantiate
 
-    return instantiate({**matched, "max_seq_len": 1 << 16}, vocab_size=args.vocab)
+    mamba = {"_target_": "lethe.models.MambaLM", "d_model": args.d_model, "n_layer": args.layers}
+    fixed = {k: v for k, v in settings.items() if k in ("d_state", "headdim")}
+    config, _ = MatchedBaseline(tolerance=0.05, family=family, settings=fixed)(mamba, args.vocab)
+    return instantiate({**config, **settings}, vocab_size=args.vocab)
 
 
 def hf_mamba(args, use_mambapy):
@@ -78,9 +82,12 @@ def main():
     parser.add_argument("--vocab", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5, help="turns each model takes (interleaved)")
     parser.add_argument("--repeats", type=int, default=1, help="timed steps per model per round")
-    parser.add_argument("--models", nargs="+", default=["lethe-mamba", "lethe-mamba-chunked", "lethe-transformer", "hf-mambapy",
-                                                        "hf-sequential"])
+    parser.add_argument("--models", nargs="+", default=["lethe-mamba", "lethe-mamba-chunked", "lethe-mamba2", "lethe-mamba2-chunked",
+                                                        "lethe-transformer", "hf-mambapy", "hf-sequential"])
+    parser.add_argument("--mamba2-state", type=int, default=128, help="Mamba-2's d_state (the reference's 128)")
+    parser.add_argument("--mamba2-headdim", type=int, default=64, help="Mamba-2's headdim (the reference's 64)")
     args = parser.parse_args()
+    mamba2 = {"d_state": args.mamba2_state, "headdim": args.mamba2_headdim}
     keep_freed_memory()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -88,7 +95,9 @@ def main():
     builders = {
         "lethe-mamba": lambda: lethe_mamba(args, "auto"),
         "lethe-mamba-chunked": lambda: lethe_mamba(args, "chunked"),
-        "lethe-transformer": lambda: lethe_transformer(args),
+        "lethe-mamba2": lambda: matched(args, "mamba2", **mamba2),
+        "lethe-mamba2-chunked": lambda: matched(args, "mamba2", **mamba2, scan_impl="chunked"),
+        "lethe-transformer": lambda: matched(args, "transformer", max_seq_len=1 << 16),
         "hf-mambapy": lambda: hf_mamba(args, True),
         "hf-sequential": lambda: hf_mamba(args, False),
     }

@@ -1,9 +1,10 @@
 // Runs the CUDA kernels' own source on the CPU, for testing on machines without a GPU.
 //
-// selective_scan_cuda.cu includes this instead of the CUDA headers when compiled as C++ with
-// -DLETHE_CUDA_EMULATION (see cuda_emulation.cpp). Each thread block runs as real std::threads,
-// one per CUDA thread, so __syncthreads is a real barrier and the block scans' warp shuffles
-// exchange values between threads; blocks run one after another. Dynamic shared memory starts
+// cuda_common.h (the CUDA kernels' first include) includes this instead of the CUDA headers when
+// compiled as C++ with -DLETHE_CUDA_EMULATION (see cuda_emulation.cpp, ssd_cuda_emulation.cpp).
+// Each thread block runs as real std::threads, one per CUDA thread, so __syncthreads is a real
+// barrier and the block scans' warp shuffles exchange values between threads; blocks run one
+// after another. Dynamic shared memory starts
 // as NaN so a read before a write shows up in the results. It checks the algorithm (indexing,
 // scans, carries, reductions), not timing, occupancy or the memory model of a GPU.
 #pragma once
@@ -20,7 +21,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(threads)
+#define __launch_bounds__(...)  // (max threads[, min blocks per SM])
 #define __grid_constant__
 #define __shared__ static  // one block at a time: a function-static array is that block's shared memory
 

@@ -36,6 +36,11 @@ class OutputPool {
     return at::from_blob(block, like.sizes(), [this, bytes](void* p) { give(p, bytes); }, like.options());
   }
 
+  // The same for `sizes` and `options`: a one-element tensor expanded to them stands in for `like`.
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return empty_like(at::empty({}, options).expand(sizes));
+  }
+
  private:
   void* take(size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);

@@ -22,15 +22,7 @@
 //
 // Compiled as C++ with -DLETHE_CUDA_EMULATION (cuda_emulation.cpp), the same source runs on CPU
 // threads for the float32 path: how the test suite checks this algorithm without a GPU.
-#ifdef LETHE_CUDA_EMULATION
-#include "cuda_emulation.h"
-#define LETHE_DYNAMIC_SHARED(name) float* name = ::lethe_emulation::dynamic_shared()
-#else
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#define LETHE_DYNAMIC_SHARED(name) extern __shared__ float name[]
-#endif
+#include "cuda_common.h"  // first: the CUDA headers or their emulation
 
 #include <algorithm>
 #include <cstdint>
@@ -44,15 +36,9 @@ constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kLog2e = 1.4426950408889634f;
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-#ifndef LETHE_CUDA_EMULATION
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
-#endif
+using lethe_cuda_common::As;
+using lethe_cuda_common::from_float;
+using lethe_cuda_common::to_float;
 
 __device__ __forceinline__ float softplus(float x) { return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x))); }
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
@@ -336,30 +322,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const __grid_constan
   }
 }
 
-__global__ void reduce_middle_kernel(const float* in, float* out, int64_t outer, int64_t middle, int64_t inner) {
-  const int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (index >= outer * inner) return;
-  const int64_t o = index / inner, i = index % inner;
-  float sum = 0.0f;
-  for (int64_t k = 0; k < middle; ++k) sum += in[(o * middle + k) * inner + i];
-  out[index] = sum;
-}
-
-#ifdef LETHE_CUDA_EMULATION
-#define LETHE_LAUNCH(kernel, grid, threads, shared, stream, cooperative, ...) \
-  ::lethe_emulation::launch(grid, threads, shared, cooperative, [&] { kernel(__VA_ARGS__); })
-#else
-#define LETHE_LAUNCH(kernel, grid, threads, shared, stream, cooperative, ...) \
-  kernel<<<grid, threads, shared, stream>>>(__VA_ARGS__)
-#endif
-
-const char* launch_error() {
-  const cudaError_t error = cudaGetLastError();
-  return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
-}
-
 template <typename T>
-const char* launch(const ScanParams& p, cudaStream_t stream, bool forward) {
+const char* launch(As<T>, const ScanParams& p, cudaStream_t stream, bool forward) {
   if (forward) {
     const size_t shared = p.d_state * sizeof(float);
     LETHE_LAUNCH(forward_kernel<T>, dim3(p.channels, p.batch), kThreads, shared, stream, true, p);
@@ -367,20 +331,12 @@ const char* launch(const ScanParams& p, cudaStream_t stream, bool forward) {
     const size_t shared = (2 * p.channel_group * p.d_state + 2 * p.channel_group) * sizeof(float);
     LETHE_LAUNCH(backward_kernel<T>, dim3(p.n_groups, p.batch), kThreads, shared, stream, true, p);
   }
-  return launch_error();
+  return lethe_cuda_common::launch_error();
 }
 
 const char* dispatch(const ScanParams& p, void* stream, bool forward) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (p.dtype) {
-    case Dtype::Float32: return launch<float>(p, s, forward);
-#ifndef LETHE_CUDA_EMULATION
-    case Dtype::BFloat16: return launch<__nv_bfloat16>(p, s, forward);
-    case Dtype::Float16: return launch<__half>(p, s, forward);
-#endif
-    default: break;
-  }
-  return "unsupported dtype";
+  return lethe_cuda_common::dispatch(p.dtype, [&](auto as) { return launch(as, p, s, forward); });
 }
 
 }  // namespace
@@ -389,12 +345,7 @@ const char* scan_forward(const ScanParams& params, void* stream) { return dispat
 const char* scan_backward(const ScanParams& params, void* stream) { return dispatch(params, stream, false); }
 
 const char* reduce_middle(const float* in, float* out, int64_t outer, int64_t middle, int64_t inner, void* stream) {
-  const int64_t total = outer * inner;
-  if (total == 0) return nullptr;
-  const int threads = 256;
-  const dim3 grid(static_cast<unsigned>((total + threads - 1) / threads));
-  LETHE_LAUNCH(reduce_middle_kernel, grid, threads, 0, static_cast<cudaStream_t>(stream), false, in, out, outer, middle, inner);
-  return launch_error();
+  return lethe_cuda_common::reduce_middle(in, out, outer, middle, inner, stream);
 }
 
 int64_t backward_channel_group(int64_t batch, int64_t channels, int64_t d_state) {

@@ -1,5 +1,5 @@
 // Torch face of the CUDA selective scan: checks tensors, allocates outputs, fills ScanParams
-// and launches on the stream Python passes (lethe.ops.scan_kernels does the device guard).
+// and launches on the stream Python passes (lethe.ops.kernel_ops.launch_on_stream: the device guard).
 // Ops: torch.ops.lethe_cuda.scan_fwd / scan_bwd. Built with -DLETHE_CUDA_EMULATION the same
 // code registers torch.ops.lethe_cuda_emulated for CPU tensors, running the kernels' own
 // source on CPU threads (kernels/cuda_emulation.h): the test suite's check of the CUDA
@@ -12,6 +12,7 @@
 #include <optional>
 #include <tuple>
 
+#include "cuda_binding.h"
 #include "scan_inputs.h"
 #include "selective_scan_cuda.h"
 
@@ -19,33 +20,25 @@ namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
-using lethe_cuda::Dtype;
 using lethe_cuda::ScanParams;
+using lethe_cuda_binding::as_stream;
+using lethe_cuda_binding::float_ptr;
+using lethe_cuda_binding::kOnCuda;
 
 #ifdef LETHE_CUDA_EMULATION
-constexpr bool kOnCuda = false;
 #define LETHE_CUDA_LIBRARY lethe_cuda_emulated
-#define LETHE_CUDA_DISPATCH_KEY CPU
 #else
-constexpr bool kOnCuda = true;
 #define LETHE_CUDA_LIBRARY lethe_cuda
-#define LETHE_CUDA_DISPATCH_KEY CUDA
 #endif
 
-void check(bool ok, const char* message) { TORCH_CHECK(ok, "lethe selective_scan (cuda kernel): ", message); }
+constexpr lethe_cuda_binding::Errors kErrors{"lethe selective_scan (cuda kernel)"};
 
-void check_launch(const char* error) { TORCH_CHECK(error == nullptr, "lethe selective_scan (cuda kernel) launch failed: ", error); }
+void check(bool ok, const char* message) { kErrors.check(ok, message); }
 
-Dtype dtype_of(const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return Dtype::Float32;
-    case at::kBFloat16: return Dtype::BFloat16;
-    case at::kHalf: return Dtype::Float16;
-    default: TORCH_CHECK(false, "lethe selective_scan (cuda kernel): inputs must be float32, bfloat16 or float16");
-  }
+// (outer, middle, inner) -> (outer, inner), summed over `middle` in order.
+Tensor sum_middle(const Tensor& parts, int64_t outer, int64_t middle, int64_t inner, int64_t stream) {
+  return lethe_cuda_binding::sum_middle(lethe_cuda::reduce_middle, kErrors, parts, outer, middle, inner, stream);
 }
-
-const float* float_ptr(const OptTensor& t) { return t ? t->data_ptr<float>() : nullptr; }
 
 ScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
                        const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias, const OptTensor& initial,
@@ -59,22 +52,13 @@ ScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, co
   ScanParams p;
   p.batch = u.size(0), p.channels = u.size(1), p.length = u.size(2), p.d_state = A.size(1);
   p.n_chunks = (p.length + chunk - 1) / chunk;
-  p.dtype = dtype_of(u);
+  p.dtype = lethe_cuda_binding::dtype_of<lethe_cuda::Dtype>(u, kErrors, "inputs");
   p.softplus = delta_softplus;
   p.u = u.data_ptr(), p.delta = delta.data_ptr(), p.B = B.data_ptr(), p.C = C.data_ptr();
   p.z = z ? z->data_ptr() : nullptr;
   p.A = A.data_ptr<float>(), p.D = float_ptr(D), p.delta_bias = float_ptr(delta_bias), p.initial = float_ptr(initial);
   p.keep = float_ptr(keep);
   return p;
-}
-
-void* as_stream(int64_t stream) { return reinterpret_cast<void*>(stream); }
-
-// (outer, middle, inner) -> (outer, inner), summed over `middle` in order.
-Tensor sum_middle(const Tensor& parts, int64_t outer, int64_t middle, int64_t inner, int64_t stream) {
-  Tensor out = at::empty({outer, inner}, parts.options());
-  check_launch(lethe_cuda::reduce_middle(parts.data_ptr<float>(), out.data_ptr<float>(), outer, middle, inner, as_stream(stream)));
-  return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
@@ -90,7 +74,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> scan_fwd(const Tensor& u, const Tenso
   Tensor saved = at::empty({p.batch, p.channels, p.n_chunks, p.d_state}, f32);
   p.out = out.data_ptr(), p.out_pre = z ? out_pre.data_ptr() : nullptr;
   p.last = last.data_ptr<float>(), p.saved = saved.data_ptr<float>();
-  check_launch(lethe_cuda::scan_forward(p, as_stream(stream)));
+  kErrors.check_launch(lethe_cuda::scan_forward(p, as_stream(stream)));
   return {out, last, saved, out_pre};
 }
 
@@ -122,7 +106,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   p.dA_rows = dA_rows.data_ptr<float>(), p.dD_rows = dD_rows.data_ptr<float>(), p.dbias_rows = dbias_rows.data_ptr<float>();
   p.grad_initial = grad_initial.data_ptr<float>();
   p.dB_part = dB_part.data_ptr<float>(), p.dC_part = dC_part.data_ptr<float>();
-  check_launch(lethe_cuda::scan_backward(p, as_stream(stream)));
+  kErrors.check_launch(lethe_cuda::scan_backward(p, as_stream(stream)));
 
   // Partial sums, reduced in a fixed order: over channel groups (dB, dC), over the batch (the rest).
   Tensor grad_B = sum_middle(dB_part, p.batch, p.n_groups, N * L, stream).view({p.batch, N, L});

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from lethe.config import CONF_DIR as CONF
 from lethe.config import compose
-from lethe.ops import SCAN_IMPL_CHOICES, selective_scan
+from lethe.ops import SCAN_IMPL_CHOICES, SSD_IMPL_CHOICES, selective_scan
 
 ROOT = Path(__file__).resolve().parents[1]
 BYTE_TOKENIZER = {"_target_": "lethe.data.tokenizer.byte_level"}
@@ -59,6 +59,9 @@ def assert_one_line(exc_info, *needles):
 # those that take float64 (the fused kernels compute in float32 and take float32/16 inputs).
 CPU_SCAN_IMPLS = tuple(impl for impl in SCAN_IMPL_CHOICES if impl != "cuda")
 FLOAT64_SCAN_IMPLS = ("auto", "reference", "chunked")
+# Mamba-2's SSD scan: the implementations that run on CPU tensors
+CPU_SSD_IMPLS = tuple(impl for impl in SSD_IMPL_CHOICES if impl != "cuda")
+FLOAT64_SSD_IMPLS = ("auto", "reference", "chunked")
 
 
 def run_script(script, *args, cwd=ROOT, env_extra=None, check=True, timeout=600):
@@ -251,5 +254,19 @@ def mamba_params(c: dict, vocab: int) -> int:
     return padded(vocab, c.get("pad_vocab_multiple", 8)) * d + c["n_layer"] * per_layer + d
 
 
+def mamba2_params(c: dict, vocab: int) -> int:
+    d = c["d_model"]
+    e, n, k, g = c.get("expand", 2) * d, c.get("d_state", 128), c.get("d_conv", 4), c.get("ngroups", 1)
+    heads, conv_dim, bias = e // c.get("headdim", 64), e + 2 * g * n, c.get("bias", False)
+    in_proj = d * (e + conv_dim + heads) + (e + conv_dim + heads) * bias  # [z, xBC, dt]
+    conv = conv_dim * k + conv_dim * c.get("conv_bias", True)
+    ssm = heads + heads + (e if c.get("D_has_hdim", False) else heads)  # dt_bias, A_log, D
+    f = c.get("d_intermediate", 0)
+    mlp = 3 * d * f + d if f else 0  # gate/up/down and its norm
+    per_layer = in_proj + conv + ssm + e + e * d + d * bias + d + mlp  # gated norm, out_proj, block norm
+    return padded(vocab, c.get("pad_vocab_multiple", 8)) * d + c["n_layer"] * per_layer + d
+
+
 def family_params(c: dict, vocab: int) -> int:
-    return (mamba_params if c["_target_"].endswith("MambaLM") else transformer_params)(c, vocab)
+    family = c["_target_"].rsplit(".", 1)[-1]
+    return {"MambaLM": mamba_params, "Mamba2LM": mamba2_params, "TransformerLM": transformer_params}[family](c, vocab)

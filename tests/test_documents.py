@@ -11,7 +11,7 @@ import torch
 
 from helpers import perturbed
 from lethe.errors import ConfigError
-from lethe.models import MambaLM, TransformerLM
+from lethe.models import Mamba2LM, MambaLM, TransformerLM
 from lethe.ops import documents
 from lethe.ops.documents import attention_mask, document_attention, document_ids, document_positions, tap_mask
 
@@ -20,9 +20,13 @@ IMPLS = {  # name: (model class, options, device)
     "mamba-reference": (MambaLM, {"scan_impl": "reference"}, "cpu"),
     "mamba-chunked": (MambaLM, {"scan_impl": "chunked"}, "cpu"),
     "mamba-cpu-kernel": (MambaLM, {"scan_impl": "cpu"}, "cpu"),
+    "mamba2-reference": (Mamba2LM, {"scan_impl": "reference"}, "cpu"),
+    "mamba2-chunked": (Mamba2LM, {"scan_impl": "chunked", "chunk_size": 32}, "cpu"),
+    "mamba2-cpu-kernel": (Mamba2LM, {"scan_impl": "cpu"}, "cpu"),
     "transformer-sdpa": (TransformerLM, {"attention_impl": "sdpa"}, "cpu"),
     # FlexAttention has no backward on CPU: trained on CUDA only (the forward is checked on CPU below)
     "mamba-cuda-kernel": (MambaLM, {"scan_impl": "cuda"}, "cuda"),
+    "mamba2-cuda-kernel": (Mamba2LM, {"scan_impl": "cuda"}, "cuda"),
     "transformer-flex-cuda": (TransformerLM, {"attention_impl": "flex"}, "cuda"),
     "transformer-sdpa-cuda": (TransformerLM, {"attention_impl": "sdpa"}, "cuda"),
 }
@@ -43,7 +47,8 @@ LENGTH = 140
 def build(impl, **overrides):
     cls, options, device = IMPLS[impl]
     torch.manual_seed(0)
-    shape = {"d_state": 4} if cls is MambaLM else {"n_head": 1}  # a head of 16: FlexAttention's smallest
+    shape = {MambaLM: {"d_state": 4}, Mamba2LM: {"d_state": 4, "headdim": 8, "ngroups": 2},
+             TransformerLM: {"n_head": 1}}[cls]  # a head of 16: FlexAttention's smallest
     return perturbed(cls(vocab_size=VOCAB, d_model=16, n_layer=2, **shape, **{**options, **overrides})).to(device)
 
 
@@ -90,14 +95,16 @@ def test_a_packed_row_is_its_documents_run_alone(impl, layout):
         def where(message, begin=begin, end=end):
             return f"{impl}, document at {begin}..{end}: {message}"
         torch.testing.assert_close(logits[:, begin:end], alone, rtol=1e-5, atol=1e-5, msg=where)
-        torch.testing.assert_close(hidden_grad[:, begin:end], alone_hidden_grad, rtol=1e-4, atol=1e-5, msg=where)
+        # gradients: a fused kernel rounds differently where its chunks fall at other steps of the
+        # document (up to ~1e-5 here, 2e-5 summed over positions); a leak moves them by ~10
+        torch.testing.assert_close(hidden_grad[:, begin:end], alone_hidden_grad, rtol=1e-4, atol=5e-5, msg=where)
         for n, grad in alone_grads.items():
             summed[n] += grad
     for n, grad in param_grads.items():
-        torch.testing.assert_close(grad, summed[n], rtol=1e-4, atol=1e-5, msg=lambda message, n=n: f"{impl}: gradient of {n}: {message}")
+        torch.testing.assert_close(grad, summed[n], rtol=1e-4, atol=5e-5, msg=lambda message, n=n: f"{impl}: gradient of {n}: {message}")
 
 
-@pytest.mark.parametrize("impl", ["mamba-cpu-kernel", "transformer-sdpa"])
+@pytest.mark.parametrize("impl", ["mamba-cpu-kernel", "mamba2-chunked", "transformer-sdpa"])
 def test_without_boundaries_documents_see_each_other(impl):
     """The control that makes the test above able to fail: packed without document_starts, the
     second document's logits depend on the first."""

@@ -4,11 +4,11 @@ different lengths decode as if alone, sampling filters do what they say, generat
 import pytest
 import torch
 
-from helpers import CPU_SCAN_IMPLS, perturbed, run_script
+from helpers import CPU_SCAN_IMPLS, CPU_SSD_IMPLS, perturbed, run_script
 from lethe.data import byte_tokenizer
 from lethe.errors import ConfigError
 from lethe.generation import generate, sample_next_token
-from lethe.models import MambaLM, TransformerLM
+from lethe.models import Mamba2LM, MambaLM, TransformerLM
 from lethe.ops import causal_conv1d, causal_conv1d_reference
 from lethe.training.checkpoint import save_model_checkpoint
 
@@ -19,12 +19,15 @@ def tiny_model(kind, scan_impl="auto", seed=0):
     torch.manual_seed(seed)
     if kind == "mamba":
         model = MambaLM(vocab_size=VOCAB, d_model=32, n_layer=2, d_state=8, scan_impl=scan_impl)
+    elif kind == "mamba2":  # a chunk shorter than the prompts: prefill crosses chunk boundaries
+        model = Mamba2LM(vocab_size=VOCAB, d_model=32, n_layer=2, d_state=8, headdim=16, chunk_size=8, scan_impl=scan_impl)
     else:
         model = TransformerLM(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, max_seq_len=64)
     return perturbed(model)
 
 
-MODELS = [("mamba", impl) for impl in CPU_SCAN_IMPLS] + [("transformer", None)]
+MODELS = ([("mamba", impl) for impl in CPU_SCAN_IMPLS] + [("mamba2", impl) for impl in CPU_SSD_IMPLS]
+          + [("transformer", None)])
 
 
 def decode_in_segments(model, ids, segments):
@@ -51,7 +54,7 @@ def test_step_by_step_logits_equal_the_full_forward(kind, impl):
         torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["mamba", "transformer"])
+@pytest.mark.parametrize("kind", ["mamba", "mamba2", "transformer"])
 def test_decoding_states_depend_on_the_history(kind):
     """A sanity check on the test above: without its history, a step gives other logits."""
     model = tiny_model(kind)
@@ -68,7 +71,7 @@ def test_mamba_state_is_constant_size_and_the_kv_cache_grows():
         return sum(t.numel() * t.element_size() for t in tensors)
 
     sizes = {}
-    for kind in ("mamba", "transformer"):
+    for kind in ("mamba", "mamba2", "transformer"):
         model = tiny_model(kind)
         for length in (8, 32):
             states = model.empty_states(1, length)
@@ -77,6 +80,8 @@ def test_mamba_state_is_constant_size_and_the_kv_cache_grows():
             sizes[kind, length] = state_bytes(states)
     # Mamba: (d_conv - 1 + d_state) floats per channel per layer, whatever the length
     assert sizes["mamba", 8] == sizes["mamba", 32] == 2 * 64 * (3 + 8) * 4
+    # Mamba-2: the conv window over xBC (64 + 2 * 8 channels) and 4 heads x (16 x 8) states per layer
+    assert sizes["mamba2", 8] == sizes["mamba2", 32] == 2 * ((64 + 16) * 3 + 4 * 16 * 8) * 4
     # attention: keys and values of every position
     assert sizes["transformer", 32] == 4 * sizes["transformer", 8] == 2 * 2 * 32 * 32 * 4
 
@@ -133,7 +138,7 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
     torch.testing.assert_close(frequencies(temperature=2.0), flat, atol=0.015, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["mamba", "transformer"])
+@pytest.mark.parametrize("kind", ["mamba", "mamba2", "transformer"])
 def test_a_batch_of_prompts_decodes_as_if_each_were_alone(kind):
     model = tiny_model(kind)
     prompts = [[3, 1, 4, 1, 5], [9], [2, 6, 5]]
@@ -232,9 +237,10 @@ def test_cuda_graph_needs_a_cuda_device():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_decoding_matches_eager_decoding(dtype):
-    model = tiny_model("mamba").cuda()
+def test_cuda_graph_decoding_matches_eager_decoding(dtype, kind):
+    model = tiny_model(kind).cuda()
     prompts = [[3, 1, 4, 1, 5], [9], [2, 6, 5]]
     with torch.autocast("cuda", dtype, enabled=dtype != torch.float32, cache_enabled=False):
         eager = generate(model, prompts, max_new_tokens=24, temperature=1.0, seed=5)
@@ -243,10 +249,12 @@ def test_cuda_graph_decoding_matches_eager_decoding(dtype):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_step_logits_equal_the_full_forward():
+@pytest.mark.parametrize("kind,impl", [("mamba", "auto"), ("mamba2", "auto"), ("mamba2", "cuda"), ("mamba2", "chunked")])
+def test_cuda_graph_step_logits_equal_the_full_forward(kind, impl):
+    """Prefill through the implementation, then graphed steps: the full forward's logits."""
     from lethe.generation import GraphedDecodeStep
 
-    model = tiny_model("mamba").cuda()
+    model = tiny_model(kind, impl).cuda()
     ids = torch.randint(0, VOCAB, (2, 30), device="cuda")
     with torch.no_grad():
         full = model(ids)

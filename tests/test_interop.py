@@ -2,10 +2,13 @@
 
 Every model is tiny and randomly initialized (then perturbed, so that norms, biases and D are not
 their constant inits and a swapped or transposed tensor changes the logits); logits are compared
-in fp32. transformers' Mamba runs its slow pure-PyTorch path on CPU, which is fine at this size.
+in fp32. transformers' Mamba and Mamba-2 run their slow pure-PyTorch paths on CPU, which is fine
+at this size.
 """
 
+import inspect
 import json
+import math
 import random
 import subprocess
 import sys
@@ -18,11 +21,15 @@ from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    BambaConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    Mamba2Config,
+    Mamba2ForCausalLM,
     MambaConfig,
     MambaForCausalLM,
 )
+from transformers.models.mamba2 import modeling_mamba2
 
 from helpers import assert_one_line, compose_config, perturbed, run_script
 from lethe.config import instantiate, validate
@@ -31,7 +38,7 @@ from lethe.errors import ConfigError, LetheError
 from lethe.evaluation import CheckpointEvaluator
 from lethe.interop import export_checkpoint, import_pretrained
 from lethe.interop.__main__ import main as interop_main
-from lethe.models import MambaLM, TransformerLM
+from lethe.models import Mamba2LM, MambaLM, TransformerLM
 from lethe.training.checkpoint import load_trained_model, read_checkpoint, save_model_checkpoint
 from lethe.training.run import check_resumable, load_initial_weights
 
@@ -51,6 +58,12 @@ def tiny_mamba(**overrides):
 def tiny_transformer(**overrides):
     kw = dict(vocab_size=257, d_model=32, n_layer=2, n_head=2, d_ff=48, max_seq_len=64) | overrides
     return perturbed(TransformerLM(**kw))
+
+
+def tiny_mamba2(**overrides):
+    # A_init_range as model=mamba2-* writes it (a list, where the constructor's default is a tuple): what an import writes
+    kw = dict(vocab_size=257, d_model=32, n_layer=2, d_state=8, headdim=16, chunk_size=16, A_init_range=[1.0, 16.0]) | overrides
+    return perturbed(Mamba2LM(**kw))
 
 
 def write_ckpt(model, tokenizer, path):
@@ -114,7 +127,7 @@ def test_exported_transformer_matches_llama(tmp_path, tokenizer):
         torch.testing.assert_close(hf_logits(hf, x), expected, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("make", [tiny_mamba, tiny_transformer], ids=["mamba", "transformer"])
+@pytest.mark.parametrize("make", [tiny_mamba, tiny_transformer, tiny_mamba2], ids=["mamba", "transformer", "mamba2"])
 def test_round_trip_preserves_every_tensor(tmp_path, tokenizer, make):
     model = make()
     hf_dir = export_checkpoint(write_ckpt(model, tokenizer, tmp_path / "a.ckpt"), tmp_path / "hf")
@@ -345,3 +358,146 @@ def test_init_from_refusals(tmp_path, tokenizer):
     with pytest.raises(ConfigError) as exc:
         validate(cfg)
     assert_one_line(exc, "init_from=", "does not exist")
+
+
+# ---- Mamba-2: Mamba2LM <-> Mamba2ForCausalLM -------------------------------------------------------
+# (ngroups, headdim) at d_inner 64, and d_inner 48 with chunk_size 32 (not a multiple of it); the 40
+# tokens of every comparison are 2.5 chunks of 16 and 1.25 of 32.
+MAMBA2_CASES = {
+    "g1-h16": dict(ngroups=1, headdim=16),
+    "g2-h8-biases-dt_limit": dict(ngroups=2, headdim=8, bias=True, conv_bias=False, d_conv=3, dt_limit=[0.01, 0.5],
+                                  residual_in_fp32=False, norm_eps=1e-6),
+    "g4-h16": dict(ngroups=4, headdim=16),
+    "d_inner48-chunk32": dict(d_model=24, ngroups=2, headdim=12, chunk_size=32),
+}
+HF_MAMBA2_CASES = {
+    "g1-h16": {},
+    "g2-h8-biases-time_step_limit": dict(num_heads=8, head_dim=8, n_groups=2, use_bias=True, use_conv_bias=False, conv_kernel=3,
+                                         time_step_limit=(0.01, 0.5), residual_in_fp32=False, layer_norm_epsilon=1e-6),
+    "d_inner48-chunk32": dict(hidden_size=24, num_heads=4, head_dim=12, n_groups=2, chunk_size=32),
+}
+
+
+@pytest.fixture
+def hf_torch_mamba2(monkeypatch):
+    """transformers' Mamba-2 on its pure-PyTorch functions, as without mamba_ssm and causal-conv1d
+    (whose kernels need CUDA tensors), even where those are installed; run in eval mode, it never
+    tries the fused training path."""
+    for name in ("causal_conv1d_fn", "causal_conv1d_update", "mamba2_chunk_scan", "mamba2_selective_state_update",
+                 "mamba2_split_conv1d_scan_combined"):
+        if hasattr(modeling_mamba2, name):
+            monkeypatch.setattr(modeling_mamba2, name, inspect.unwrap(getattr(modeling_mamba2, name)))
+
+
+def hf_mamba2_dir(path, tokenizer, **overrides):
+    """A randomly initialized transformers Mamba-2 saved with save_pretrained, plus byte tokenizer files."""
+    kw = dict(vocab_size=264, hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16, n_groups=1, state_size=8,
+              chunk_size=16, tie_word_embeddings=True) | overrides
+    hf = perturbed(Mamba2ForCausalLM(Mamba2Config(**kw)))
+    hf.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return hf
+
+
+@pytest.mark.parametrize("case", MAMBA2_CASES)
+def test_exported_mamba2_matches_in_transformers(tmp_path, tokenizer, hf_torch_mamba2, case):
+    model = tiny_mamba2(**MAMBA2_CASES[case])
+    c = model.config
+    out = export_checkpoint(write_ckpt(model, tokenizer, tmp_path / "m.ckpt"), tmp_path / "hf")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "mamba2" and config["vocab_size"] == 264 and config["tie_word_embeddings"]
+    nheads = c["expand"] * c["d_model"] // c["headdim"]
+    assert (config["n_groups"], config["head_dim"], config["num_heads"]) == (c["ngroups"], c["headdim"], nheads)
+    assert config["chunk_size"] == c["chunk_size"] and config["norm_before_gate"] is False and config["eos_token_id"] == 256
+    x = ids(length=40)
+    expected = lethe_logits(model, x)
+    for cls in (Mamba2ForCausalLM, AutoModelForCausalLM):
+        hf = cls.from_pretrained(out).eval()
+        assert type(hf) is Mamba2ForCausalLM and hf.dtype == torch.float32 and not hf.training
+        assert list(hf.config.time_step_limit) == (c["dt_limit"] or [0.0, math.inf])
+        torch.testing.assert_close(hf_logits(hf, x), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("case", HF_MAMBA2_CASES)
+def test_imported_transformers_mamba2_matches(tmp_path, tokenizer, hf_torch_mamba2, case):
+    kw = HF_MAMBA2_CASES[case]
+    hf = hf_mamba2_dir(tmp_path / "hf", tokenizer, **kw)
+    meta = import_pretrained(tmp_path / "hf", tmp_path / "m.ckpt")
+    c = meta["model_config"]
+    assert meta["model_target"] == "lethe.models.mamba2.Mamba2LM" and c["pad_vocab_multiple"] == 8
+    assert (c["ngroups"], c["headdim"], c["chunk_size"]) == (kw.get("n_groups", 1), kw.get("head_dim", 16), kw.get("chunk_size", 16))
+    assert c["dt_limit"] == ([0.01, 0.5] if "time_step_limit" in kw else None) and c["bias"] is kw.get("use_bias", False)
+    model, _, _ = load_trained_model(tmp_path / "m.ckpt")
+    x = ids(length=40)
+    torch.testing.assert_close(lethe_logits(model, x), hf_logits(hf.eval(), x), atol=ATOL, rtol=0)
+
+
+def test_cli_mamba2_export_import_and_refusal(tmp_path, tokenizer, hf_torch_mamba2, capsys):
+    model = tiny_mamba2(ngroups=2, headdim=8)
+    ckpt = write_ckpt(model, tokenizer, tmp_path / "m.ckpt")
+    interop_main(["export", str(ckpt), str(tmp_path / "hf")])
+    interop_main(["import", str(tmp_path / "hf"), str(tmp_path / "back.ckpt")])
+    out = capsys.readouterr().out
+    assert "exported" in out and "imported" in out and "Mamba2LM" in out
+    x = ids(length=40)
+    expected = lethe_logits(model, x)
+    torch.testing.assert_close(hf_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval(), x), expected, atol=ATOL, rtol=0)
+    assert torch.equal(lethe_logits(load_trained_model(tmp_path / "back.ckpt")[0], x), expected)
+    capsys.readouterr()  # e.g. the first-use notice of Lethe's CPU conv kernel
+    # an unexportable model: one `error:` line and exit status 2
+    mlp = write_ckpt(tiny_mamba2(d_intermediate=16), tokenizer, tmp_path / "mlp.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        interop_main(["export", str(mlp), str(tmp_path / "hf-mlp")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "d_intermediate=16" in err
+
+
+@pytest.mark.parametrize("overrides,needles", [
+    ({"d_intermediate": 16}, ["Mamba2LM", "MLP blocks", "d_intermediate=16", "no equivalent"]),
+    ({"D_has_hdim": True}, ["Mamba2LM", "D_has_hdim=true", "one D per head", "no equivalent"]),
+], ids=["mlp", "D_has_hdim"])
+def test_unexportable_mamba2_is_refused(tmp_path, tokenizer, overrides, needles):
+    with pytest.raises(LetheError) as exc:
+        export_checkpoint(write_ckpt(tiny_mamba2(**overrides), tokenizer, tmp_path / "m.ckpt"), tmp_path / "hf")
+    assert_one_line(exc, *needles)
+    assert not (tmp_path / "hf" / "config.json").exists()
+
+
+@pytest.mark.parametrize("field,value,needles", [
+    ("rms_norm", False, ["gated RMSNorm"]),
+    ("norm_before_gate", True, ["norm(y * silu(z))"]),
+    ("time_step_limit", (0.5, 0.1), ["0 <= min <= max"]),
+    ("time_step_limit", (-1.0, 1.0), ["0 <= min <= max"]),
+    ("tie_word_embeddings", False, ["ties the LM head"]),
+    ("hidden_act", "gelu", ["silu"]),
+])
+def test_unsupported_mamba2_features_are_refused(tmp_path, tokenizer, field, value, needles):
+    kw = dict(vocab_size=264, hidden_size=32, num_hidden_layers=1, num_heads=4, head_dim=16, n_groups=1, state_size=8,
+              tie_word_embeddings=True) | {field: value}
+    Mamba2Config(**kw).save_pretrained(tmp_path / "hf")  # the config is refused before any weight is read
+    tokenizer.save_pretrained(tmp_path / "hf")
+    with pytest.raises(LetheError) as exc:
+        import_pretrained(tmp_path / "hf", tmp_path / "m.ckpt")
+    assert_one_line(exc, field, "not supported", *needles)
+    assert not (tmp_path / "m.ckpt").exists()
+
+
+def test_other_mamba2_variants_are_refused(tmp_path, tokenizer):
+    # a Mamba-2 hybrid (attention and MLP layers between the mixers): another model_type
+    hybrid = BambaConfig(vocab_size=264, hidden_size=32, num_hidden_layers=2, mamba_n_heads=4, mamba_d_head=16, tie_word_embeddings=True)
+    hybrid.save_pretrained(tmp_path / "bamba")
+    tokenizer.save_pretrained(tmp_path / "bamba")
+    with pytest.raises(LetheError) as exc:
+        import_pretrained(tmp_path / "bamba", tmp_path / "m.ckpt")
+    assert_one_line(exc, "model_type='bamba'", "not supported", "mamba2")
+
+    # weights of a per-channel D (mamba_ssm's D_has_hdim=True) under transformers' names: refused by shape
+    hf_mamba2_dir(tmp_path / "hf", tokenizer)
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    weights["backbone.layers.1.mixer.D"] = torch.ones(64)
+    save_file(weights, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LetheError) as exc:
+        import_pretrained(tmp_path / "hf", tmp_path / "m.ckpt")
+    assert_one_line(exc, "backbone.layers.1.mixer.D", "(64,)", "(4,)")
+    assert not (tmp_path / "m.ckpt").exists()

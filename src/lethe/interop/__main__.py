@@ -6,7 +6,8 @@ import os
 DESCRIPTION = """\
 Convert between Lethe checkpoints and Hugging Face transformers directories.
 
-  MambaLM       <-> MambaForCausalLM  (e.g. state-spaces/mamba-130m-hf)
+  MambaLM       <-> MambaForCausalLM   (e.g. state-spaces/mamba-130m-hf)
+  Mamba2LM      <-> Mamba2ForCausalLM  (tied embeddings, no MLP blocks: d_intermediate 0)
   TransformerLM <-> LlamaForCausalLM
 
   python -m lethe.interop export logs/train/runs/<run>/checkpoints/best.ckpt hf/mamba-tiny
@@ -27,17 +28,19 @@ def parse_args(argv):
         "export", help="Lethe .ckpt -> transformers directory",
         description="Write config.json, model.safetensors and the tokenizer's files to OUT_DIR, loadable with "
                     "AutoModelForCausalLM.from_pretrained(OUT_DIR) and AutoTokenizer.from_pretrained(OUT_DIR). "
-                    "Mamba models with selectivity switched off (LTI) have no transformers equivalent.")
+                    "Mamba models with selectivity switched off (LTI), and Mamba-2 models with MLP blocks "
+                    "(d_intermediate > 0) or a D per channel (D_has_hdim), have no transformers equivalent.")
     export.add_argument("ckpt", metavar="CKPT", help="a Lethe checkpoint (written by train.py or by `import`)")
     export.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (created if missing)")
     export.add_argument("--force", action="store_true", help="overwrite a model already in OUT_DIR")
 
     imp = commands.add_parser(
         "import", help="transformers directory -> Lethe .ckpt",
-        description="Build the matching Lethe model from HF_DIR's config.json (model_type mamba or llama), load "
+        description="Build the matching Lethe model from HF_DIR's config.json (model_type mamba, mamba2 or llama), load "
                     "its weights (model.safetensors or pytorch_model.bin, possibly sharded) strictly, and write a "
                     "self-contained Lethe checkpoint carrying the tokenizer. Features Lethe cannot represent "
-                    "(grouped-query attention, rope scaling, biases, untied embeddings, ...) are refused.")
+                    "(grouped-query attention, rope scaling, biases, untied embeddings, Mamba-2's norm_before_gate, "
+                    "...) are refused.")
     imp.add_argument("hf_dir", metavar="HF_DIR", help="a local transformers model directory (download Hub models first)")
     imp.add_argument("out", metavar="OUT.ckpt", help="the Lethe checkpoint to write")
     imp.add_argument("--tokenizer", metavar="DIR", help="take the tokenizer from DIR instead of HF_DIR")

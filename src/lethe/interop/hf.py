@@ -1,7 +1,8 @@
 """Lethe checkpoints <-> Hugging Face `transformers` directories.
 
-    MambaLM        <-> MambaForCausalLM  (model_type "mamba"; the state-spaces/mamba-*-hf layout)
-    TransformerLM  <-> LlamaForCausalLM  (model_type "llama": RoPE rotate-half, SwiGLU, RMSNorm)
+    MambaLM        <-> MambaForCausalLM   (model_type "mamba"; the state-spaces/mamba-*-hf layout)
+    Mamba2LM       <-> Mamba2ForCausalLM  (model_type "mamba2": mixer-only blocks, D per head, norm(y * silu(z)))
+    TransformerLM  <-> LlamaForCausalLM   (model_type "llama": RoPE rotate-half, SwiGLU, RMSNorm)
 
 An exported directory holds config.json, model.safetensors and the tokenizer's files, so
 `AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)` load it.
@@ -17,17 +18,17 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, LlamaConfig, MambaConfig
+from transformers import AutoConfig, LlamaConfig, Mamba2Config, MambaConfig
 
 from lethe.data import load_tokenizer
 from lethe.errors import LetheError, first_line
 from lethe.files import atomic_directory
-from lethe.models import MambaLM, TransformerLM, model_target
+from lethe.models import Mamba2LM, MambaLM, TransformerLM, model_target
 from lethe.models.transformer import default_d_ff
 from lethe.modules.mamba import resolve_dt_rank
 from lethe.training.checkpoint import build_model, load_trained_model, save_model_checkpoint
 
-MAMBA_TARGET, TRANSFORMER_TARGET = model_target(MambaLM), model_target(TransformerLM)
+MAMBA_TARGET, MAMBA2_TARGET, TRANSFORMER_TARGET = model_target(MambaLM), model_target(Mamba2LM), model_target(TransformerLM)
 
 
 # ---- parameter names: one Lethe parameter -> the HF tensor(s) it is made of ------------------
@@ -45,7 +46,7 @@ LLAMA_LAYER = {
 
 
 def mamba_hf_names(name: str) -> list[str]:
-    # HF's mixer uses Lethe's (i.e. mamba_ssm's) names; only the embedding is plural.
+    # HF's Mamba and Mamba-2 mixers use Lethe's (i.e. mamba_ssm's) names; only the embedding is plural.
     return ["backbone.embeddings.weight"] if name == "embedding.weight" else [f"backbone.{name}"]
 
 
@@ -60,7 +61,7 @@ def llama_hf_names(name: str) -> list[str]:
     return [f"model.layers.{layer}.{piece}" for piece in LLAMA_LAYER[rest]]
 
 
-HF_NAMES = {MAMBA_TARGET: mamba_hf_names, TRANSFORMER_TARGET: llama_hf_names}
+HF_NAMES = {MAMBA_TARGET: mamba_hf_names, MAMBA2_TARGET: mamba_hf_names, TRANSFORMER_TARGET: llama_hf_names}
 
 
 def parameters(model) -> dict:
@@ -121,6 +122,20 @@ def hf_config(model, target: str, tokenizer):
             layer_norm_epsilon=float(c["norm_eps"]), residual_in_fp32=c["residual_in_fp32"],
         )
         config.architectures = ["MambaForCausalLM"]
+    elif target == MAMBA2_TARGET:
+        limit = c["dt_limit"]
+        config = Mamba2Config(
+            **common, num_heads=c["expand"] * c["d_model"] // c["headdim"], head_dim=c["headdim"], n_groups=c["ngroups"],
+            state_size=c["d_state"], expand=c["expand"], conv_kernel=c["d_conv"], use_bias=c["bias"],
+            use_conv_bias=c["conv_bias"], chunk_size=c["chunk_size"], time_step_rank="auto",  # unused by Mamba-2
+            time_step_min=float(c["dt_min"]), time_step_max=float(c["dt_max"]), time_step_floor=float(c["dt_init_floor"]),
+            # Lethe's null (no clamp) is the reference's (0, inf): softplus is positive
+            time_step_limit=(0.0, math.inf) if limit is None else (float(limit[0]), float(limit[1])),
+            layer_norm_epsilon=float(c["norm_eps"]), residual_in_fp32=c["residual_in_fp32"], rescale_prenorm_residual=False,
+            # not fields of transformers 5, which always computes norm(y * silu(z)); written as its converter does
+            rms_norm=True, norm_before_gate=False,
+        )
+        config.architectures = ["Mamba2ForCausalLM"]
     else:
         # Llama keeps its residual stream in the compute dtype: in fp32 (the exported dtype) that
         # is exactly Lethe's residual_in_fp32; under bf16 the two round differently.
@@ -148,8 +163,8 @@ def lethe_config(cfg, vocab_size: int, where: str) -> tuple[str, dict]:
         raise LetheError(f"{where}: {field}={value!r} is not supported ({why})")
 
     model_type = getattr(cfg, "model_type", None)
-    if model_type not in ("mamba", "llama"):
-        refuse("model_type", model_type, "Lethe imports mamba and llama models")
+    if model_type not in ("mamba", "mamba2", "llama"):
+        refuse("model_type", model_type, "Lethe imports mamba, mamba2 and llama models")
     if cfg.hidden_act != "silu":
         refuse("hidden_act", cfg.hidden_act, "Lethe's models use silu")
     if not cfg.tie_word_embeddings:
@@ -170,6 +185,8 @@ def lethe_config(cfg, vocab_size: int, where: str) -> tuple[str, dict]:
             conv_bias=cfg.use_conv_bias, bias=cfg.use_bias, norm_eps=cfg.layer_norm_epsilon,
             residual_in_fp32=cfg.residual_in_fp32,
         )
+    if model_type == "mamba2":
+        return MAMBA2_TARGET, mamba2_args(cfg, common, refuse)
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     if kv_heads != heads:
@@ -194,6 +211,39 @@ def lethe_config(cfg, vocab_size: int, where: str) -> tuple[str, dict]:
     )
 
 
+def mamba2_args(cfg, common: dict, refuse) -> dict:
+    # Older configs carry rms_norm and norm_before_gate (transformers 5 drops both and computes
+    # norm(y * silu(z)) regardless): refused where they name another model than the one computed.
+    if getattr(cfg, "rms_norm", True) is not True:
+        refuse("rms_norm", cfg.rms_norm, "Lethe's Mamba-2 mixer ends in a gated RMSNorm, as transformers' always does")
+    if getattr(cfg, "norm_before_gate", False):
+        refuse("norm_before_gate", cfg.norm_before_gate, "Lethe's Mamba-2 gates, then normalizes: norm(y * silu(z))")
+    limit = list(cfg.time_step_limit)
+    if limit != [0.0, math.inf] and not (len(limit) == 2 and 0 <= limit[0] <= limit[1]):
+        refuse("time_step_limit", limit, "Lethe's dt_limit is [min, max] with 0 <= min <= max, or (0, inf) for none")
+    return dict(
+        common, d_state=cfg.state_size, d_conv=cfg.conv_kernel, expand=cfg.expand, headdim=cfg.head_dim,
+        ngroups=cfg.n_groups, chunk_size=cfg.chunk_size, conv_bias=cfg.use_conv_bias, bias=cfg.use_bias,
+        dt_min=cfg.time_step_min, dt_max=cfg.time_step_max, dt_init_floor=cfg.time_step_floor,
+        dt_limit=None if limit == [0.0, math.inf] else [float(v) for v in limit],
+        norm_eps=cfg.layer_norm_epsilon, residual_in_fp32=cfg.residual_in_fp32,
+        # what transformers' Mamba-2 always is, and Lethe-only settings, as model=mamba2-* writes them
+        D_has_hdim=False, d_intermediate=0, A_init_range=[1.0, 16.0], scan_impl="auto",
+    )
+
+
+def export_refusal(target: str, c: dict) -> str | None:
+    """Why a Lethe model has no transformers equivalent ("<what>; <why>"), or None."""
+    off = ", ".join(k for k, v in (c.get("selective") or {}).items() if not v)
+    if off:
+        return f"selectivity switched off ({off}); transformers' Mamba is always selective"
+    if target == MAMBA2_TARGET and c["d_intermediate"]:
+        return f"MLP blocks (d_intermediate={c['d_intermediate']}); transformers' Mamba2 blocks are a mixer only"
+    if target == MAMBA2_TARGET and c["D_has_hdim"]:
+        return "D_has_hdim=true (a D per channel); transformers' Mamba2 has one D per head"
+    return None
+
+
 # ---- export -----------------------------------------------------------------------------------
 def export_checkpoint(ckpt_path, out_dir, force: bool = False) -> Path:
     """Write a transformers directory (config.json, model.safetensors, tokenizer) for a Lethe
@@ -201,12 +251,11 @@ def export_checkpoint(ckpt_path, out_dir, force: bool = False) -> Path:
     model, tokenizer, meta = load_trained_model(ckpt_path)
     target = meta["model_target"]
     if target not in HF_NAMES:
-        raise LetheError(f"checkpoint {ckpt_path} holds a {target}; Lethe exports MambaLM and TransformerLM only")
-    selective = meta["model_config"].get("selective") or {}
-    if not all(selective.values()):
-        off = ", ".join(k for k, v in selective.items() if not v)
-        raise LetheError(f"checkpoint {ckpt_path} holds a MambaLM with selectivity switched off ({off}); transformers' "
-                         "Mamba is always selective, so it has no equivalent to export to")
+        raise LetheError(f"checkpoint {ckpt_path} holds a {target}; Lethe exports MambaLM, Mamba2LM and TransformerLM only")
+    refusal = export_refusal(target, meta["model_config"])
+    if refusal:
+        raise LetheError(f"checkpoint {ckpt_path} holds a {target.rsplit('.', 1)[-1]} with {refusal}, "
+                         "so it has no equivalent to export to")
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists() and not force:
         raise LetheError(f"{out_dir} already holds a model (config.json); choose a new directory or pass --force")
@@ -238,7 +287,7 @@ def _load_bin(path):
 
 
 def import_pretrained(hf_dir, out_path, tokenizer_dir=None, force: bool = False) -> dict:
-    """Write a Lethe checkpoint for a transformers Mamba or Llama directory; returns its metadata."""
+    """Write a Lethe checkpoint for a transformers Mamba, Mamba-2 or Llama directory; returns its metadata."""
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     if not (hf_dir / "config.json").is_file():
         raise LetheError(f"{hf_dir} is not a transformers model directory (no config.json); download it first, "

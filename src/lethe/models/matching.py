@@ -1,13 +1,20 @@
-"""Parameter-matched baselines: for any Mamba config the Transformer++ with (nearly) the same
-parameter count, and the reverse, so a comparison never rests on a hand-tuned pair.
+"""Parameter-matched baselines: for any model config the model of another family with (nearly)
+the same parameter count, so a comparison never rests on a hand-tuned pair.
 
-    Mamba -> Transformer++: half the layers (a Transformer layer ~ two Mamba layers, as in the
-        paper), the same d_model, heads of 64 (at least 2), and the SwiGLU width d_ff solved.
-    Transformer++ -> Mamba: twice the layers, d_model solved.
+    SSM (Mamba, Mamba-2) -> Transformer++: half the layers (a Transformer layer ~ two Mamba
+        layers, as in the paper), the same d_model, heads of 64 (at least 2), the SwiGLU d_ff solved.
+    Transformer++ -> SSM: twice the layers, d_model solved.
+    SSM -> the other SSM: the same layers, d_model solved.
+    Mamba-2's d_model moves in whole heads; where that step is too coarse for the tolerance, the
+    layer count nearest the default that lands within it is taken (and reported).
 
-Parameters are counted by building the candidate on the meta device (no memory, no init cost),
-so the count is the model's own, tied embedding included, at the run's vocabulary.
+The matched model takes its family's defaults, plus `settings` (e.g. a smaller d_state for a
+tiny Mamba-2). Parameters are counted by building the candidate on the meta device (no memory,
+no init cost), so the count is the model's own, tied embedding included, at the run's vocabulary.
 """
+
+import inspect
+import math
 
 import torch
 from hydra.utils import get_class
@@ -16,9 +23,11 @@ from lethe.config import instantiate
 from lethe.errors import ConfigError
 from lethe.models.lm import model_target
 from lethe.models.mamba import MambaLM
+from lethe.models.mamba2 import Mamba2LM
 from lethe.models.transformer import TransformerLM
 
-MAMBA, TRANSFORMER = model_target(MambaLM), model_target(TransformerLM)
+FAMILIES = {"mamba": MambaLM, "mamba2": Mamba2LM, "transformer": TransformerLM}
+SSM_FAMILIES = (MambaLM, Mamba2LM)
 SHARED_KEYS = ("norm_eps", "pad_vocab_multiple", "residual_in_fp32")
 
 
@@ -39,53 +48,100 @@ def _solve(build, lo: int, hi: int, target: int, vocab_size: int) -> dict:
     return min((build(lo), build(hi)), key=lambda c: abs(count_params(c, vocab_size) - target))
 
 
-def matched_transformer(mamba: dict, vocab_size: int, multiple: int) -> dict:
-    d_model = mamba["d_model"]
-    n_head = max(2, d_model // 64)
+def _setting(cls, settings: dict, key: str):
+    return settings.get(key, inspect.signature(cls).parameters[key].default)
+
+
+def _width_unit(cls, settings: dict, multiple: int) -> int:
+    """The step of the solved d_model: a multiple of `multiple` that keeps Mamba-2's heads whole
+    (headdim divides expand * d_model) and its groups whole (ngroups divides nheads)."""
+    if cls is not Mamba2LM:
+        return multiple
+    per_head = _setting(cls, settings, "headdim") * _setting(cls, settings, "ngroups")
+    return math.lcm(multiple, per_head // math.gcd(_setting(cls, settings, "expand"), per_head))
+
+
+def matched_transformer(ssm: dict, vocab_size: int, multiple: int, settings: dict) -> dict:
+    d_model = ssm["d_model"]
+    n_head = settings.get("n_head", max(2, d_model // 64))
     while d_model % n_head or (d_model // n_head) % 2:  # RoPE needs an even head dim
         n_head -= 1
-    base = {"_target_": TRANSFORMER, "d_model": d_model, "n_layer": max(1, mamba["n_layer"] // 2), "n_head": n_head,
-            **{k: mamba[k] for k in SHARED_KEYS if k in mamba}}
-    target = count_params(mamba, vocab_size)
+    base = {"_target_": model_target(TransformerLM), "d_model": d_model, "n_layer": max(1, ssm["n_layer"] // 2),
+            **{k: ssm[k] for k in SHARED_KEYS if k in ssm}, **settings, "n_head": n_head}
+    target = count_params(ssm, vocab_size)
     return _solve(lambda units: {**base, "d_ff": units * multiple}, 1, 16 * d_model // multiple, target, vocab_size)
 
 
-def matched_mamba(transformer: dict, vocab_size: int, multiple: int) -> dict:
-    base = {"_target_": MAMBA, "n_layer": 2 * transformer["n_layer"], **{k: transformer[k] for k in SHARED_KEYS if k in transformer}}
-    target = count_params(transformer, vocab_size)
-    return _solve(lambda units: {**base, "d_model": units * multiple}, 1, 4 * transformer["d_model"] // multiple, target, vocab_size)
+def matched_ssm(reference: dict, cls, vocab_size: int, multiple: int, settings: dict, tolerance: float) -> dict:
+    """d_model solved at the default layer count; when Mamba-2's coarse width step (whole heads)
+    cannot land within tolerance there, the nearest layer counts are tried too."""
+    from_transformer = get_class(reference["_target_"]) is TransformerLM
+    n_layer = 2 * reference["n_layer"] if from_transformer else reference["n_layer"]
+    base = {"_target_": model_target(cls), **{k: reference[k] for k in SHARED_KEYS if k in reference}, **settings}
+    unit = _width_unit(cls, settings, multiple)
+    target = count_params(reference, vocab_size)
+
+    def solve(layers):
+        return _solve(lambda units: {**base, "n_layer": layers, "d_model": units * unit}, 1,
+                      4 * reference["d_model"] // unit + 1, target, vocab_size)
+
+    def gap(cfg):
+        return abs(count_params(cfg, vocab_size) - target) / target
+
+    best = solve(n_layer)
+    for layers in (n_layer - 1, n_layer + 1, n_layer - 2, n_layer + 2):
+        if gap(best) <= tolerance:
+            break
+        if layers >= 1:
+            best = min(best, solve(layers), key=gap)
+    return best
 
 
 class MatchedBaseline:
     """The `baseline` config group: turns the configured model into its parameter-matched
-    counterpart of the other family, refusing a gap larger than `tolerance`."""
+    counterpart of another family, refusing a gap larger than `tolerance`."""
 
-    def __init__(self, tolerance: float = 0.02, multiple: int = 8):
+    def __init__(self, tolerance: float = 0.02, multiple: int = 8, family: str | None = None, settings: dict | None = None):
         """tolerance: largest allowed |params - reference| / reference; multiple: the solved
-        width (d_ff or d_model) is a multiple of this (8 keeps matmuls on tensor-core tiles)."""
+        width (d_ff or d_model) is a multiple of this (8 keeps matmuls on tensor-core tiles);
+        family: mamba | mamba2 | transformer, or null for the other kind (an SSM's Transformer++,
+        a Transformer's Mamba); settings: fixed keys of the matched model (its family's defaults otherwise)."""
         if not 0 < tolerance < 1 or multiple < 1:
             raise ConfigError(f"baseline.tolerance={tolerance} must be in (0, 1) and baseline.multiple={multiple} >= 1")
-        self.tolerance, self.multiple = tolerance, multiple
+        if family is not None and family not in FAMILIES:
+            raise ConfigError(f"baseline.family={family!r} is not one of {', '.join(FAMILIES)} (or null: the other kind)")
+        self.tolerance, self.multiple, self.family, self.settings = tolerance, multiple, family, dict(settings or {})
 
     def __call__(self, model_cfg: dict, vocab_size: int) -> tuple[dict, dict]:
         """(the matched model config, a report: reference/matched parameters and the gap)."""
         target = model_cfg.get("_target_")
-        family = get_class(target) if target else None
-        if family is MambaLM:
-            matched = matched_transformer(model_cfg, vocab_size, self.multiple)
-        elif family is TransformerLM:
-            matched = matched_mamba(model_cfg, vocab_size, self.multiple)
+        reference = get_class(target) if target else None
+        if reference not in FAMILIES.values():
+            raise ConfigError(f"baseline=matched needs model=mamba-*, mamba2-* or transformer-*, not {target}")
+        matched_cls = FAMILIES[self.family] if self.family else (MambaLM if reference is TransformerLM else TransformerLM)
+        if matched_cls is reference:
+            raise ConfigError(f"baseline.family={self.family} is the configured model's own family; "
+                              "pick another (mamba, mamba2, transformer)")
+        if matched_cls is TransformerLM:
+            matched = matched_transformer(model_cfg, vocab_size, self.multiple, self.settings)
         else:
-            raise ConfigError(f"baseline=matched needs model=mamba-* or transformer-*, not {target}")
-        reference, params = count_params(model_cfg, vocab_size), count_params(matched, vocab_size)
-        gap = (params - reference) / reference
+            matched = matched_ssm(model_cfg, matched_cls, vocab_size, self.multiple, self.settings, self.tolerance)
+        params, reference_params = count_params(matched, vocab_size), count_params(model_cfg, vocab_size)
+        gap = (params - reference_params) / reference_params
         if abs(gap) > self.tolerance:
-            raise ConfigError(f"the closest matched {matched['_target_'].rsplit('.', 1)[-1]} has {params:,} parameters, "
-                              f"{gap:+.1%} from the reference {reference:,} (baseline.tolerance={self.tolerance}); "
-                              "lower baseline.multiple or raise the tolerance")
-        report = {"reference_model": family.__name__, "reference_params": reference, "matched_params": params,
-                  "gap": round(gap, 5), "solved": "d_ff" if family is MambaLM else "d_model"}
+            raise ConfigError(f"the closest matched {matched_cls.__name__} has {params:,} parameters, "
+                              f"{gap:+.1%} from the reference {reference_params:,} (baseline.tolerance={self.tolerance}); "
+                              "lower baseline.multiple, set baseline.settings or raise the tolerance")
+        report = {"reference_model": reference.__name__, "reference_params": reference_params, "matched_params": params,
+                  "gap": round(gap, 5), "solved": self._solved(model_cfg, matched)}
         return matched, report
+
+    @staticmethod
+    def _solved(reference: dict, matched: dict) -> str:
+        if "d_ff" in matched and get_class(matched["_target_"]) is TransformerLM:
+            return "d_ff"
+        layers = 2 * reference["n_layer"] if get_class(reference["_target_"]) is TransformerLM else reference["n_layer"]
+        return "d_model" if matched["n_layer"] == layers else "d_model and n_layer"
 
 
 def describe(report: dict) -> str:

@@ -32,10 +32,11 @@ ALL_SELECTIVE = {"delta": True, "B": True, "C": True}
 
 @dataclass
 class MambaState:
-    """One layer's recurrent state: what a Mamba layer remembers of everything it has read.
+    """One layer's recurrent state: what a Mamba (1 or 2) layer remembers of everything it has read.
 
-    conv: (batch, d_inner, d_conv - 1), the last inputs of the short convolution
-    ssm:  (batch, d_inner, d_state), h_t of the scan, float32
+    conv: (batch, conv channels, d_conv - 1), the last inputs of the short convolution
+    ssm:  h_t of the scan, float32: (batch, d_inner, d_state) in Mamba-1,
+          (batch, nheads, headdim, d_state) in Mamba-2
     Both are None until the first segment (zeros, i.e. an empty history); later segments
     update them in place, so their storage stays fixed (what a CUDA graph replay needs).
     """

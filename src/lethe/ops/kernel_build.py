@@ -34,10 +34,20 @@ SOURCES = {
     # the CUDA kernels' source run on CPU threads (kernels/cuda_emulation.h), float32 only: how
     # the tests check the CUDA algorithm on machines without a GPU
     "cuda_emulated": ["selective_scan_cuda_binding.cpp", "cuda_emulation.cpp"],
+    # Mamba-2's SSD scan (ops/ssd.py), the same three ways
+    "ssd_cpu": ["ssd_cpu.cpp"],
+    "ssd_cuda": ["ssd_cuda_binding.cpp", "ssd_cuda.cu"],
+    "ssd_cuda_emulated": ["ssd_cuda_binding.cpp", "ssd_cuda_emulation.cpp"],
 }
+# how each library is compiled: for this CPU, for the local GPU, or CUDA source emulated on CPU threads
+TOOLCHAIN = {"cpu": "cpu", "conv_cpu": "cpu", "ssd_cpu": "cpu", "cuda": "cuda", "ssd_cuda": "cuda",
+             "cuda_emulated": "emulated", "ssd_cuda_emulated": "emulated"}
 # what each library is, and what runs without it: for the one-line messages
 DESCRIPTIONS = {"cpu": ("cpu scan", "the PyTorch scan"), "cuda": ("cuda scan", "the PyTorch scan"),
-                "cuda_emulated": ("emulated cuda scan", "nothing (tests only)"), "conv_cpu": ("cpu causal-conv1d", "F.conv1d")}
+                "cuda_emulated": ("emulated cuda scan", "nothing (tests only)"), "conv_cpu": ("cpu causal-conv1d", "F.conv1d"),
+                "ssd_cpu": ("cpu SSD scan", "the chunked PyTorch SSD scan"),
+                "ssd_cuda": ("cuda SSD scan", "the chunked PyTorch SSD scan"),
+                "ssd_cuda_emulated": ("emulated cuda SSD scan", "nothing (tests only)")}
 STALE_LOCK_S = 600  # a build lock older than this was left by a killed build
 
 _status: dict[str, str | None] = {}  # device type -> None (loaded) or why the kernel is unavailable
@@ -61,9 +71,9 @@ def _cpu_fingerprint() -> str:
 
 
 def _build_options(device_type: str) -> dict:
-    if device_type in ("cpu", "conv_cpu"):
+    if TOOLCHAIN[device_type] == "cpu":
         return dict(extra_cflags=["-O3", "-fopenmp", *_native_flags()], extra_ldflags=["-fopenmp"])
-    if device_type == "cuda_emulated":
+    if TOOLCHAIN[device_type] == "emulated":
         return dict(extra_cflags=["-O1", "-DLETHE_CUDA_EMULATION", f"-I{KERNEL_DIR}"], with_cuda=False)
     arch = "".join(map(str, torch.cuda.get_device_capability()))
     return dict(
@@ -77,7 +87,7 @@ def _library_name(device_type: str, options: dict) -> str:
     digest = hashlib.sha256()
     for path in [*(KERNEL_DIR / source for source in SOURCES[device_type]), *sorted(KERNEL_DIR.glob("*.h"))]:
         digest.update(path.read_bytes())
-    extra = torch.version.cuda if device_type == "cuda" else _cpu_fingerprint()
+    extra = torch.version.cuda if TOOLCHAIN[device_type] == "cuda" else _cpu_fingerprint()
     digest.update(f"{options}|{torch.__version__}|{sys.version_info[:2]}|{extra}".encode())
     return f"lethe_{device_type}_{digest.hexdigest()[:12]}"
 
@@ -100,7 +110,7 @@ def _build(device_type: str) -> None:
 
     _ensure_ninja_on_path()
     options = _build_options(device_type)
-    if device_type == "cuda":  # cpp_extension would otherwise add every visible GPU's architecture
+    if TOOLCHAIN[device_type] == "cuda":  # cpp_extension would otherwise add every visible GPU's architecture
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ".".join(map(str, torch.cuda.get_device_capability())))
     name = _library_name(device_type, options)
     build_dir = BUILD_DIR / name
@@ -128,7 +138,7 @@ def unavailable(device_type: str) -> str | None:
         reason = "disabled by LETHE_DISABLE_KERNELS"
     elif not (KERNEL_DIR / SOURCES[device_type][0]).is_file():
         reason = f"its sources are not in {KERNEL_DIR} (install Lethe from a clone: pip install -e .)"
-    elif device_type == "cuda" and not torch.cuda.is_available():
+    elif TOOLCHAIN[device_type] == "cuda" and not torch.cuda.is_available():
         reason = "no CUDA device is available"
     else:
         try:
@@ -152,7 +162,7 @@ def unavailable(device_type: str) -> str | None:
 def prepare() -> dict[str, str | None]:
     """Build or load the kernels for every device this machine has; returns `unavailable` of each.
     `make kernels` runs it ahead of first use."""
-    devices = ["cpu", "conv_cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = ["cpu", "conv_cpu", "ssd_cpu"] + (["cuda", "ssd_cuda"] if torch.cuda.is_available() else [])
     return {device_type: unavailable(device_type) for device_type in devices}
 
 

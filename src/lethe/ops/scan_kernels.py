@@ -17,32 +17,22 @@ n_chunks, d_state) and, with z on CUDA, the output before the gate; backward rec
 rest. Nothing of size batch x channels x length x d_state is kept.
 """
 
-import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+from functools import partial
 
-from lethe.ops.kernel_build import unavailable
+import torch
+
+from lethe.ops.kernel_ops import eager_autograd, kernel_library, launch_on_stream, plain_eager
 
 # Steps per saved chunk state. CUDA: 128 threads x 8 steps each (fixed in the kernel). CPU: the
 # backward's working set per chunk (decays, states, B, C and the dB/dC partial rows: 6 x 64 x 16
 # floats at d_state 16) stays in a 48 KB L1; 128-step chunks measured a ~20% slower backward.
 CHUNK = {"cpu": 64, "cuda": 1024}
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _kernel_ops(device_type: str):
-    reason = unavailable(device_type)
-    if reason is not None:
-        raise RuntimeError(f"lethe: the fused {device_type} scan kernel is unavailable: {reason}")
-    return getattr(torch.ops, f"lethe_{device_type}")
 
 
 def _launch(op_name: str, u, args):
-    """Run a kernel op for u's device; on CUDA under u's device guard, on its current stream."""
-    op = getattr(_kernel_ops(u.device.type), op_name)
-    if u.device.type == "cpu":
-        return op(*args)
-    with torch.cuda.device(u.device):
-        return op(*args, torch.cuda.current_stream().cuda_stream)
+    """Run a kernel op for u's device: the CPU kernel takes no stream, the CUDA one u's current one."""
+    op = getattr(kernel_library(u.device.type, f"{u.device.type} scan"), op_name)
+    return op(*args) if u.device.type == "cpu" else launch_on_stream(op, u.device, *args)
 
 
 def _n_chunks(u) -> int:
@@ -119,28 +109,8 @@ selective_scan_fwd.register_autograd(lambda ctx, grad_y, grad_last, _grad_saved,
                                      _gradients(selective_scan_bwd, ctx, grad_y, grad_last), setup_context=_setup_context)
 
 
-class _EagerScan(torch.autograd.Function):
-    """The same op and autograd in plain eager mode, calling the kernels directly: the custom op's
-    Python dispatch costs ~70 us per forward+backward, and ~0.25 ms at batch 2 x 256 x 1024,
-    where the kernel has just pushed the interpreter's data out of the caches (~8% of the call)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):  # ctx first, not a separate setup_context: that binds the arguments with inspect, per call
-        output = _scan_fwd(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernel's backward has no derivative: say so, not zeros
-    def backward(ctx, grad_y, grad_last, _grad_saved, _grad_y_pre):
-        return _gradients(_scan_bwd, ctx, grad_y, grad_last)
-
-
-def _plain_eager() -> bool:
-    """Outside torch.compile, functorch transforms (vmap) and dispatch-mode tracing (make_fx, fake
-    tensors): those need the custom op, whose fake, batching and tracing rules torch knows."""
-    return not (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
-                or _get_current_dispatch_mode() is not None)
+# The same op and autograd for plain eager calls, skipping the custom op's dispatch (kernel_ops.eager_autograd).
+_EagerScan = eager_autograd("_EagerScan", _scan_fwd, _setup_context, partial(_gradients, _scan_bwd))
 
 
 def scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, initial_state=None, document_starts=None):
@@ -156,7 +126,7 @@ def scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
     def fp32(t):
         return None if t is None else t.float().contiguous()
 
-    scan = _EagerScan.apply if _plain_eager() else selective_scan_fwd
+    scan = _EagerScan.apply if plain_eager() else selective_scan_fwd
     y, last, _, _ = scan(u.contiguous(), like_u(delta), fp32(A), like_u(B), like_u(C), fp32(D), like_u(z),
                          fp32(delta_bias), fp32(initial_state), None if document_starts is None else fp32(~document_starts.bool()),
                          bool(delta_softplus))

@@ -24,37 +24,47 @@ import torch.nn.functional as F
 
 from lethe.errors import ConfigError
 from lethe.ops import kernel_build, scan_kernels
+from lethe.ops.kernel_ops import KERNEL_DTYPES
 from lethe.ops.scan_chunked import scan_chunked
 from lethe.ops.scan_reference import selective_scan_ref
 
 FUSED_IMPLS = ("cpu", "cuda")
+LIBRARIES = {"cpu": "cpu", "cuda": "cuda"}  # FUSED_IMPLS's kernels in kernel_build
 SCAN_IMPL_CHOICES = ("auto", "reference", "chunked", *FUSED_IMPLS)
 # torch.compile runs this at trace time and keeps its answer as a constant: the first traced call
 # builds the kernel (outside the graph), so nothing has to prepare the kernels before compiling.
 kernel_unavailable = torch.compiler.assume_constant_result(kernel_build.unavailable)
 
 
-def resolve_scan_impl(impl: str, device: torch.device, length: int | None = None, dtype=torch.float32) -> str:
-    """Map `auto` to a concrete implementation; say in one line why a named one cannot run."""
+def resolve_impl(impl: str, device: torch.device, length: int | None, dtype, libraries: dict[str, str]) -> str:
+    """Map `auto` to a concrete implementation; say in one line why a named one cannot run.
+    libraries: the kernel library (kernel_build.SOURCES) of each fused impl, by device type; the
+    other impls are reference and chunked. One rule for this scan and Mamba-2's (ops/ssd.py)."""
     device_type = torch.device(device).type
     if impl == "auto":
         if length == 1:  # one decoding step is the recurrence itself: a few ops, the least overhead
             return "reference"
-        if dtype in scan_kernels.KERNEL_DTYPES and device_type in FUSED_IMPLS and kernel_unavailable(device_type) is None:
+        if dtype in KERNEL_DTYPES and device_type in libraries and kernel_unavailable(libraries[device_type]) is None:
             return device_type
         return "chunked"
-    if impl not in SCAN_IMPL_CHOICES:
-        raise ConfigError(f"model.scan_impl={impl!r} is not one of {', '.join(SCAN_IMPL_CHOICES)}")
-    if impl in FUSED_IMPLS:
+    choices = ("auto", "reference", "chunked", *libraries)
+    if impl not in choices:
+        raise ConfigError(f"model.scan_impl={impl!r} is not one of {', '.join(choices)}")
+    if impl in libraries:
         if device_type != impl:
             raise ConfigError(f"model.scan_impl={impl!r} runs on {impl} tensors, these are on {device_type}; use scan_impl=auto")
-        if dtype not in scan_kernels.KERNEL_DTYPES:
+        if dtype not in KERNEL_DTYPES:
             raise ConfigError(f"model.scan_impl={impl!r} takes float32, bfloat16 or float16 inputs, not {dtype}; "
                               "use scan_impl=chunked or reference")
-        reason = kernel_unavailable(impl)
+        reason = kernel_unavailable(libraries[impl])
         if reason is not None:
             raise ConfigError(f"model.scan_impl={impl!r} cannot run: {reason}; use scan_impl=auto or chunked")
     return impl
+
+
+def resolve_scan_impl(impl: str, device: torch.device, length: int | None = None, dtype=torch.float32) -> str:
+    """Map `auto` to a concrete implementation; say in one line why a named one cannot run."""
+    return resolve_impl(impl, device, length, dtype, LIBRARIES)
 
 
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, document_starts):
