@@ -243,8 +243,8 @@ def ssd_table(args, device, dtype, impls):
             def ratio(base):
                 return f"{medians[base][0] / fwd:.2f}x / {medians[base][1] / fwd_bwd:.2f}x" if base in medians else "-"
             peak_mb = "-" if peak is None else f"{peak / 2**20:.0f}"
-            print(f"| {(batch, nheads, headdim, d_state, length)} | {impl} | {fwd * 1e3:.1f} ({min(forward_times) * 1e3:.1f}) | "
-                  f"{fwd_bwd * 1e3:.1f} ({min(forward_backward_times) * 1e3:.1f}) | {saved[impl] / 2**20:.1f} | {peak_mb} | "
+            print(f"| {(batch, nheads, headdim, d_state, length)} | {impl} | {fwd * 1e3:.2f} ({min(forward_times) * 1e3:.2f}) | "
+                  f"{fwd_bwd * 1e3:.2f} ({min(forward_backward_times) * 1e3:.2f}) | {saved[impl] / 2**20:.1f} | {peak_mb} | "
                   f"{ratio('transformers torch')} | {ratio(label)} |", flush=True)
     print("times: median (best) of every timed call; ratios: forward / forward+backward, of the medians, "
           "measured in this run (above 1: this row is faster)")

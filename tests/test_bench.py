@@ -6,7 +6,7 @@ import pytest
 
 from helpers import run_script
 
-SSD_ROWS = ["lethe reference", "lethe chunked (chunk 256)", "lethe chunked (chunk 64)"]
+SSD_ROWS = ["lethe reference", "lethe chunked (chunk 256)", "lethe chunked (chunk 64)", "lethe cpu"]
 
 
 def table_rows(out: str, first_cell: str) -> list[list[str]]:
@@ -40,9 +40,10 @@ def test_ssd_benchmark_compares_with_transformers_and_mamba1():
     median = {impl: (float(row[2].split()[0]), float(row[3].split()[0])) for impl, row in rows.items()}
     for impl, row in rows.items():
         for column, base in ((6, "transformers torch"), (7, "mamba-1 cpu (d_state 16)")):
-            forward, backward = (float(x.rstrip("x")) for x in row[column].split(" / "))
-            assert forward == pytest.approx(median[base][0] / median[impl][0], rel=0.06, abs=0.02)
-            assert backward == pytest.approx(median[base][1] / median[impl][1], rel=0.06, abs=0.02)
+            ratios = (float(x.rstrip("x")) for x in row[column].split(" / "))
+            for ratio, base_ms, ms in zip(ratios, median[base], median[impl]):
+                if min(base_ms, ms) >= 1:  # printed to 0.01 ms: below 1 ms the rounding is over 1%
+                    assert ratio == pytest.approx(base_ms / ms, rel=0.06, abs=0.02), (impl, base)
     assert rows["transformers torch"][6] == "1.00x / 1.00x"
     # the chunked SSD saves its inputs and the chunk-entering states, not autograd's (Q x Q) intermediates
     assert float(rows["lethe chunked (chunk 64)"][4]) < float(rows["transformers torch"][4])

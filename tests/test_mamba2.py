@@ -171,3 +171,16 @@ def test_dt_limit_reaches_the_scan():
     clamped.load_state_dict(free.state_dict())
     with torch.no_grad():
         assert (free(tokens) - clamped(tokens)).abs().max() > 1e-4
+
+
+def test_a_config_instantiated_without_conversion_records_plain_lists():
+    """hydra's instantiate without _convert_ passes ListConfig values: they are accepted and
+    recorded as lists (checkpoint metadata holds no OmegaConf objects)."""
+    from hydra.utils import instantiate as hydra_instantiate
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.create({**model_config("mamba2-tiny"), "dt_limit": [0.0, 0.5]})
+    with torch.device("meta"):
+        model = hydra_instantiate(config, vocab_size=BYTE_VOCAB)
+    assert model.config["A_init_range"] == [1.0, 16.0] and type(model.config["A_init_range"]) is list
+    assert model.config["dt_limit"] == [0.0, 0.5] and type(model.config["dt_limit"]) is list

@@ -1,6 +1,8 @@
 """Mamba-2 language model: a stack of pre-norm Mamba-2 mixer blocks, optionally each with a
 SwiGLU MLP (`d_intermediate` > 0), as the reference's Mamba-2 LMs allow."""
 
+from collections.abc import Sequence
+
 from lethe.errors import is_number, require, require_int, require_positive
 from lethe.models.lm import LanguageModel, constructor_args
 from lethe.modules import Block, Mamba2Mixer, SwiGLU
@@ -9,7 +11,7 @@ from lethe.ops import SSD_IMPL_CHOICES
 
 def _require_range(key: str, value, low_ok, what: str) -> tuple[float, float]:
     """A [low, high] pair of numbers with low_ok(low) and low <= high."""
-    ok = isinstance(value, list | tuple) and len(value) == 2 and all(is_number(v) for v in value)
+    ok = isinstance(value, list) and len(value) == 2 and all(is_number(v) for v in value)
     require(ok and low_ok(value[0]) and value[0] <= value[1], key, value, what)
     return float(value[0]), float(value[1])
 
@@ -40,9 +42,10 @@ class Mamba2LM(LanguageModel):
         pad_vocab_multiple: int = 8,
         residual_in_fp32: bool = True,
     ):
-        # checkpoints record what a YAML config gives: lists, not tuples (so init_from and resume compare equal)
-        A_init_range = list(A_init_range) if isinstance(A_init_range, tuple) else A_init_range
-        dt_limit = list(dt_limit) if isinstance(dt_limit, tuple) else dt_limit
+        # checkpoints record plain lists, whether a tuple, a list or an OmegaConf ListConfig came in
+        # (so init_from and resume compare equal, and no OmegaConf object is pickled)
+        A_init_range, dt_limit = (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
+                                  for v in (A_init_range, dt_limit))
         config = constructor_args(locals())
         self.validate_common(vocab_size, d_model, n_layer, norm_eps, pad_vocab_multiple)
         for key, value in (("d_state", d_state), ("d_conv", d_conv), ("expand", expand), ("headdim", headdim),
