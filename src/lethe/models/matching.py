@@ -27,7 +27,6 @@ from lethe.models.mamba2 import Mamba2LM
 from lethe.models.transformer import TransformerLM
 
 FAMILIES = {"mamba": MambaLM, "mamba2": Mamba2LM, "transformer": TransformerLM}
-SSM_FAMILIES = (MambaLM, Mamba2LM)
 SHARED_KEYS = ("norm_eps", "pad_vocab_multiple", "residual_in_fp32")
 
 
@@ -72,11 +71,16 @@ def matched_transformer(ssm: dict, vocab_size: int, multiple: int, settings: dic
     return _solve(lambda units: {**base, "d_ff": units * multiple}, 1, 16 * d_model // multiple, target, vocab_size)
 
 
+def default_ssm_layers(reference: dict) -> int:
+    """An SSM's layer count against `reference`: twice a Transformer's (two SSM layers ~ one
+    attention + MLP layer), an SSM's own."""
+    return 2 * reference["n_layer"] if get_class(reference["_target_"]) is TransformerLM else reference["n_layer"]
+
+
 def matched_ssm(reference: dict, cls, vocab_size: int, multiple: int, settings: dict, tolerance: float) -> dict:
     """d_model solved at the default layer count; when Mamba-2's coarse width step (whole heads)
     cannot land within tolerance there, the nearest layer counts are tried too."""
-    from_transformer = get_class(reference["_target_"]) is TransformerLM
-    n_layer = 2 * reference["n_layer"] if from_transformer else reference["n_layer"]
+    n_layer = default_ssm_layers(reference)
     base = {"_target_": model_target(cls), **{k: reference[k] for k in SHARED_KEYS if k in reference}, **settings}
     unit = _width_unit(cls, settings, multiple)
     target = count_params(reference, vocab_size)
@@ -140,8 +144,7 @@ class MatchedBaseline:
     def _solved(reference: dict, matched: dict) -> str:
         if "d_ff" in matched and get_class(matched["_target_"]) is TransformerLM:
             return "d_ff"
-        layers = 2 * reference["n_layer"] if get_class(reference["_target_"]) is TransformerLM else reference["n_layer"]
-        return "d_model" if matched["n_layer"] == layers else "d_model and n_layer"
+        return "d_model" if matched["n_layer"] == default_ssm_layers(reference) else "d_model and n_layer"
 
 
 def describe(report: dict) -> str:

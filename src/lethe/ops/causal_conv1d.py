@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from lethe.ops.documents import document_ids, tap_mask
 from lethe.ops.kernel_build import unavailable
+from lethe.ops.kernel_ops import fp32
 
 PACKAGE_WIDTHS = (2, 3, 4)  # the widths causal-conv1d's kernels are built for
 _package = None  # the imported causal_conv1d module; False once known to be unavailable
@@ -148,8 +149,6 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, re
     if package is not None and initial_states is None and not return_final_states:
         return package.causal_conv1d_fn(x.contiguous(), weight.contiguous(), bias, activation=activation)
     if use_kernel:
-        def fp32(t):
-            return None if t is None else t.float().contiguous()
         taps = None if document_starts is None else tap_mask(document_starts, width)
         out, final = conv_fwd_op(x.contiguous(), fp32(weight), fp32(bias), fp32(initial_states), taps, activation == "silu",
                                  bool(return_final_states))

@@ -1,4 +1,4 @@
-"""What the Python faces of the fused kernels share (ops/scan_kernels.py, ops/ssd_cpu.py,
+"""What the Python faces of the fused kernels share (ops/scan_kernels.py, ops/ssd_cpu.py, ops/causal_conv1d.py,
 ops/ssd_cuda.py): finding a built kernel library, launching a CUDA op on the current stream, and
 the eager path around each custom op (the registrations stay with each op).
 """
@@ -9,6 +9,17 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from lethe.ops.kernel_build import unavailable
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the input dtypes of the fused scan kernels
+
+
+def fp32(t):
+    """A kernel's float32 operand (A, D, biases, states, masks): contiguous float32, None kept."""
+    return None if t is None else t.float().contiguous()
+
+
+def keep_mask(document_starts):
+    """(batch, length) float32, 0 where a packed document starts (the decay there is 0), else 1:
+    how the fused scans take document_starts; None without documents."""
+    return None if document_starts is None else fp32(~document_starts.bool())
 
 
 def kernel_library(library: str, name: str):

@@ -21,7 +21,7 @@ from functools import partial
 
 import torch
 
-from lethe.ops.kernel_ops import eager_autograd, kernel_library, launch_on_stream, plain_eager
+from lethe.ops.kernel_ops import eager_autograd, fp32, keep_mask, kernel_library, launch_on_stream, plain_eager
 
 # Steps per saved chunk state. CUDA: 128 threads x 8 steps each (fixed in the kernel). CPU: the
 # backward's working set per chunk (decays, states, B, C and the dB/dC partial rows: 6 x 64 x 16
@@ -123,11 +123,7 @@ def scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
     def like_u(t):
         return None if t is None else t.to(dtype).contiguous()
 
-    def fp32(t):
-        return None if t is None else t.float().contiguous()
-
     scan = _EagerScan.apply if plain_eager() else selective_scan_fwd
     y, last, _, _ = scan(u.contiguous(), like_u(delta), fp32(A), like_u(B), like_u(C), fp32(D), like_u(z),
-                         fp32(delta_bias), fp32(initial_state), None if document_starts is None else fp32(~document_starts.bool()),
-                         bool(delta_softplus))
+                         fp32(delta_bias), fp32(initial_state), keep_mask(document_starts), bool(delta_softplus))
     return y, last

@@ -76,5 +76,5 @@ def ssd_scan(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=True, dt_limit=No
         return ssd_scan_ref(*args)
     if impl in FUSED:
         dt = prepare_dt(dt, dt_bias, dt_softplus, dt_limit, torch.float32)
-        return FUSED[impl](x, dt, A.float(), B, C, D, initial_state, document_starts)
+        return FUSED[impl](x, dt, A, B, C, D, initial_state, document_starts)
     return ssd_chunked(*args, chunk_size=chunk_size)

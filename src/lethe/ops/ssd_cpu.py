@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 
-from lethe.ops.kernel_ops import eager_autograd, kernel_library, plain_eager
+from lethe.ops.kernel_ops import eager_autograd, fp32, keep_mask, kernel_library, plain_eager
 
 # Steps per saved chunk state. The backward keeps a tile's recomputed states (64 steps x 8 vectors,
 # 16 KB), its B, C and dB/dC rows in L1; 32 and 128 measured slower, and 128 would halve `saved`.
@@ -97,10 +97,7 @@ def ssd_fused_cpu(x, dt, A, B, C, D=None, initial_state=None, document_starts=No
     float32, bfloat16 or float16 (each its own; math in float32); dt (prepared), A, D and
     initial_state are taken in float32; document_starts (batch, length) true where a document
     starts. Returns y in x's dtype and the last state (float32)."""
-    def fp32(t):
-        return None if t is None else t.float().contiguous()
-
-    keep = None if document_starts is None else fp32(~document_starts.bool())
     scan = _EagerSSD.apply if plain_eager() else ssd_cpu_fwd
-    y, last, _, _ = scan(x.contiguous(), fp32(dt), fp32(A), B.contiguous(), C.contiguous(), fp32(D), fp32(initial_state), keep)
+    y, last, _, _ = scan(x.contiguous(), fp32(dt), fp32(A), B.contiguous(), C.contiguous(), fp32(D), fp32(initial_state),
+                         keep_mask(document_starts))
     return y, last

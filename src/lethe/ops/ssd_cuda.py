@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 
-from lethe.ops.kernel_ops import eager_autograd, kernel_library, launch_on_stream, plain_eager
+from lethe.ops.kernel_ops import eager_autograd, fp32, keep_mask, kernel_library, launch_on_stream, plain_eager
 
 SEGMENT = 256  # steps per saved state: kSegment in kernels/ssd_cuda.h
 EMULATE_ON_CPU = False  # CPU tensors run the emulated CUDA kernel (tests only: slow by design)
@@ -112,10 +112,7 @@ def ssd_fused_cuda(x, dt, A, B, C, D=None, initial_state=None, document_starts=N
     def like_x(t):
         return t.to(dtype).contiguous()
 
-    def fp32(t):
-        return None if t is None else t.float().contiguous()
-
-    keep = None if document_starts is None else fp32(~document_starts.bool())
     scan = _EagerSSD.apply if plain_eager() else ssd_cuda_fwd
-    y, last, _ = scan(x.contiguous(), fp32(dt), fp32(A), like_x(B), like_x(C), fp32(D), fp32(initial_state), keep)
+    y, last, _ = scan(x.contiguous(), fp32(dt), fp32(A), like_x(B), like_x(C), fp32(D), fp32(initial_state),
+                      keep_mask(document_starts))
     return y, last
