@@ -22,7 +22,7 @@ need = @test -n "$($(1))" || { echo "error: make $@ needs $(1)=<$(2)>, e.g. make
 
 .DEFAULT_GOAL := help
 .PHONY: help install kernels train test test-fast test-gpu gpu-check gpu-wheels lint eval generate export import \
-        compare sweep hparams report ablation induction bench bench-train bench-generate clean distclean
+        compare zoo sweep hparams report ablation induction synthetic bench bench-train bench-generate clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -80,6 +80,14 @@ compare: install ## MODEL (mamba-tiny) vs its parameter-matched Transformer++ (s
 	$(PYTHON) train.py -m model=$(MODEL) baseline=none,matched task_name=compare hydra.sweep.dir=$(EXP_DIR) $(ARGS) $(AND_THEN) \
 	$(PYTHON) eval.py ckpt=$(EXP_DIR) max_tokens=262144 out_dir=$(EXP_DIR)/eval $(REPORT_STATUS)
 
+# the architecture comparison: the four tiny families, parameter-matched (500-510k), on the same data order and tokens
+ZOO_MODELS ?= mamba-tiny,mamba2-tiny,hybrid-tiny,transformer-tiny
+ZOO_STEPS ?= 300
+zoo: install ## mamba-tiny, mamba2-tiny, hybrid-tiny, transformer-tiny: same data and tokens, then one eval.py table + plots
+	$(PYTHON) train.py -m model=$(ZOO_MODELS) trainer.max_steps=$(ZOO_STEPS) test_after_training=false task_name=zoo \
+	  hydra.sweep.dir=$(EXP_DIR) $(ARGS) $(AND_THEN) \
+	$(PYTHON) eval.py ckpt=$(EXP_DIR) max_tokens=131072 out_dir=$(EXP_DIR)/eval $(REPORT_STATUS)
+
 sweep: install ## a learning-rate sweep over both tiny models (Hydra multirun), then its report
 	$(PYTHON) train.py -m optim.lr=1e-3,3e-3 model=mamba-tiny,transformer-tiny task_name=sweep hydra.sweep.dir=$(EXP_DIR) $(ARGS) $(AND_THEN) \
 	$(PYTHON) eval.py sweep=$(EXP_DIR) out_dir=$(EXP_DIR)/report $(REPORT_STATUS)
@@ -102,6 +110,19 @@ induction: install ## induction heads: 2-layer Mamba, Mamba-2 and Transformer++ 
 	$(PYTHON) train.py experiment=induction-heads model=mamba2-tiny model.d_model=64 model.n_layer=2 hydra.run.dir=$(EXP_DIR)/mamba2 $(ARGS)
 	$(PYTHON) train.py experiment=induction-heads model=transformer-tiny model.d_ff=128 hydra.run.dir=$(EXP_DIR)/transformer $(ARGS)
 	$(PYTHON) eval.py ckpt=$(EXP_DIR) 'lengths=[1,2,8,32,128]' max_tokens=131072 out_dir=$(EXP_DIR)/eval
+
+# the four families at the synthetic tasks' scale (2 layers, d_model 64; the hybrid: Mamba-2 then attention)
+SYNTHETIC_MODELS = "mamba:model=mamba-tiny" "mamba2:model=mamba2-tiny" "hybrid:model=hybrid-tiny model.pattern=M* ~model.n_layer" \
+                   "transformer:model=transformer-tiny model.d_ff=96"
+synthetic: install ## the synthetic suite over Mamba, Mamba-2, hybrid, Transformer++: MQAR at 4/8/16 pairs, selective copying, induction
+	@set -ef; for entry in $(SYNTHETIC_MODELS); do name=$${entry%%:*}; overrides=$${entry#*:}; \
+	  $(PYTHON) train.py -m experiment=mqar data.task.num_pairs=4,8,16 $$overrides hydra.sweep.dir=$(EXP_DIR)/mqar/$$name $(ARGS); \
+	  $(PYTHON) train.py experiment=selective-copying $$overrides hydra.run.dir=$(EXP_DIR)/selective-copying/$$name $(ARGS); \
+	  $(PYTHON) train.py experiment=induction-heads $$overrides hydra.run.dir=$(EXP_DIR)/induction/$$name $(ARGS); \
+	done
+	$(PYTHON) eval.py ckpt=$(EXP_DIR)/mqar out_dir=$(EXP_DIR)/mqar/eval
+	$(PYTHON) eval.py ckpt=$(EXP_DIR)/selective-copying out_dir=$(EXP_DIR)/selective-copying/eval
+	$(PYTHON) eval.py ckpt=$(EXP_DIR)/induction 'lengths=[1,2,8,32,128]' max_tokens=131072 out_dir=$(EXP_DIR)/induction/eval
 
 bench: install ## scan speed and memory: fused kernels, chunked and the sequential reference side by side
 	$(PYTHON) bench/scan.py $(ARGS)

@@ -11,7 +11,7 @@ For each shape (batch, length, d_model; heads of 64) and path: forward and forwa
 without documents. Paths:
   causal       F.scaled_dot_product_attention(is_causal=True): what crossing documents costs
   sdpa + mask  SDPA with the boolean document mask, in tiles of 256 queries that read keys from
-               their documents' start only: Lethe's CPU path (lethe.ops.documents.document_attention,
+               their documents' start only: Lethe's CPU path (lethe.ops.documents.masked_attention,
                impl sdpa; a masked SDPA alone computes every query-key pair)
   flex         FlexAttention with the block mask: Lethe's CUDA path; it skips every 128 x 128
                block the mask empties, so it can beat causal attention when documents are short
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from timing import keep_freed_memory, measure, random_document_starts
 
-from lethe.ops.documents import document_attention
+from lethe.ops.documents import masked_attention
 
 CPU_SHAPES = ["4,512,256", "1,2048,256", "2,1024,512"]
 GPU_SHAPES = ["8,2048,768", "4,8192,768", "1,16384,1024"]
@@ -39,10 +39,10 @@ def attention_cases(batch, length, d_model, mean_length, device, dtype):
     starts = random_document_starts(batch, length, mean_length, device)
     paths = {
         "causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-        "sdpa + mask": lambda: document_attention(q, k, v, starts, "sdpa"),
+        "sdpa + mask": lambda: masked_attention(q, k, v, starts, impl="sdpa"),
     }
     if device.type == "cuda":
-        paths["flex"] = lambda: document_attention(q, k, v, starts, "flex")
+        paths["flex"] = lambda: masked_attention(q, k, v, starts, impl="flex")
     cases = {}
     for name, attend in paths.items():
         def forward(attend=attend):

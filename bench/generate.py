@@ -1,7 +1,8 @@
-"""Generation speed and memory: Mamba's and Mamba-2's recurrent states against the
-Transformer's KV cache, parameter-matched models, side by side in one run.
+"""Generation speed and memory: Mamba's and Mamba-2's recurrent states, hybrids' mix of states
+and (window-bounded) KV caches, against the Transformer's KV cache, parameter-matched models,
+side by side in one run.
 
-    python bench/generate.py                                   # the tiny models, CPU-sized
+    python bench/generate.py                                   # the tiny models, CPU-sized (every family and pattern)
     python bench/generate.py --pairs mamba-130m:mamba2-130m:transformer-125m --vocab 50280 --device cuda
 
 For each batch size and prompt length: the prefill time (one parallel pass over the prompts),
@@ -18,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 
 from lethe.config import compose
-from lethe.generation import generate
+from lethe.generation import fixed_size, generate, state_bytes
 
 
 def build(name, vocab, device):
@@ -27,11 +28,6 @@ def build(name, vocab, device):
     # no context limit for a benchmark of long prompts (RoPE has no learned positions)
     unbounded = {"max_seq_len": 1 << 20} if "max_seq_len" in config else {}
     return instantiate(config, vocab_size=vocab, **unbounded).to(device).eval()
-
-
-def state_bytes(states):
-    tensors = [t for s in states for t in vars(s).values() if isinstance(t, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def synchronize(device):
@@ -78,7 +74,7 @@ def measure(model, batch, prompt_length, new_tokens, device, repeats, cuda_graph
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", nargs="+", default=["mamba-tiny:mamba2-tiny:transformer-tiny"],
+    parser.add_argument("--pairs", nargs="+", default=["mamba-tiny:mamba2-tiny:hybrid-tiny:samba-tiny:transformer-tiny"],
                         help="model configs compared together, ':'-separated, the last the baseline of the ratio column")
     parser.add_argument("--vocab", type=int, default=257, help="vocabulary size (257: the byte tokenizer)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
@@ -103,7 +99,7 @@ def main():
             for prompt_length in args.prompts:
                 with autocast:
                     results = [measure(m, batch, prompt_length, args.new_tokens, device, args.repeats,
-                                       cuda_graph=args.cuda_graph and all(s.fixed_size for s in m.empty_states(1, 1)))
+                                       cuda_graph=args.cuda_graph and fixed_size(m.empty_states(1, 1)))
                                for m in models]
                 for name, model, r in zip(names, models, results):
                     peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"

@@ -82,14 +82,15 @@ run() {
 echo "== $DEVICE, commit $COMMIT"
 run kernel-build $PY -m lethe.ops.kernel_build
 run tests $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_scan.py tests/test_kernels.py tests/test_generation.py \
-  tests/test_documents.py tests/test_ssd.py tests/test_ssd_cuda_kernel.py
+  tests/test_documents.py tests/test_ssd.py tests/test_ssd_cuda_kernel.py tests/test_hybrid.py
 run scan-bf16 $PY bench/scan.py --device cuda --dtype bfloat16 --rounds 5 --repeats 3
 run scan-fp32 $PY bench/scan.py --device cuda --dtype float32 --rounds 3 --repeats 3 --shapes 8,1536,2048,16 1,1536,8192,16 \
   --ssd-shapes 8,24,64,128,2048
 run train-step-bf16 $PY bench/train_step.py --device cuda --dtype bfloat16 --d-model 768 --layers 24 --vocab 50280 \
-  --shapes 8,2048 --rounds 3 --models lethe-mamba lethe-mamba2 lethe-transformer
+  --shapes 8,2048 --rounds 3 --models lethe-mamba lethe-mamba2 lethe-hybrid lethe-transformer \
+  --hybrid-pattern 'MMMMMM*MMMMMMMMMMM*MMMMM'
 run attention-bf16 $PY bench/attention.py --device cuda --dtype bfloat16 --rounds 5 --repeats 3
-run generate $PY bench/generate.py --device cuda --pairs mamba-130m:mamba2-130m:transformer-125m --vocab 50280 \
+run generate $PY bench/generate.py --device cuda --pairs mamba-130m:mamba2-130m:mamba2-hybrid-130m:transformer-125m --vocab 50280 \
   --batches 1 16 --prompts 128 2048 --new-tokens 64 --repeats 2 --cuda-graph
 echo "== done: tables in $RESULTS/gpu-*.md (exit $status)"
 exit $status

@@ -1,6 +1,7 @@
 """Whole-model training steps side by side in one run: Lethe's Mamba (fused and chunked scans),
-its parameter-matched Mamba-2 (the reference's d_state 128 and headdim 64; fused and chunked SSD)
-and Transformer++, and transformers' MambaForCausalLM (the mamba.py parallel scan, and its
+its parameter-matched Mamba-2 (the reference's d_state 128 and headdim 64; fused and chunked SSD),
+a Mamba-2 hybrid (one attention layer, `--hybrid-pattern`) and Transformer++, and transformers'
+MambaForCausalLM (the mamba.py parallel scan, and its
 default sequential path), the peers a CPU user would pick instead.
 
     python bench/train_step.py                                  # d_model 256, 4 layers, vocab 256, CPU
@@ -31,15 +32,15 @@ def lethe_mamba(args, scan_impl):
     return MambaLM(vocab_size=args.vocab, d_model=args.d_model, n_layer=args.layers, scan_impl=scan_impl)
 
 
-def matched(args, family, **settings):
+def matched(args, family, tolerance=0.05, **settings):
     """The model of `family` parameter-matched to Lethe's Mamba at this width and depth (Mamba-2's
     width moves in whole heads: within 5%, the table prints the counts)."""
     from hydra.utils import instantiate
 
     mamba = {"_target_": "lethe.models.MambaLM", "d_model": args.d_model, "n_layer": args.layers}
-    fixed = {k: v for k, v in settings.items() if k in ("d_state", "headdim")}
-    config, _ = MatchedBaseline(tolerance=0.05, family=family, settings=fixed)(mamba, args.vocab)
-    return instantiate({**config, **settings}, vocab_size=args.vocab)
+    fixed = {k: v for k, v in settings.items() if k in ("d_state", "headdim", "pattern", "mamba2")}
+    config, _ = MatchedBaseline(tolerance=tolerance, family=family, settings=fixed)(mamba, args.vocab)
+    return instantiate({**config, **{k: v for k, v in settings.items() if k not in fixed}}, vocab_size=args.vocab)
 
 
 def hf_mamba(args, use_mambapy):
@@ -83,11 +84,14 @@ def main():
     parser.add_argument("--rounds", type=int, default=5, help="turns each model takes (interleaved)")
     parser.add_argument("--repeats", type=int, default=1, help="timed steps per model per round")
     parser.add_argument("--models", nargs="+", default=["lethe-mamba", "lethe-mamba-chunked", "lethe-mamba2", "lethe-mamba2-chunked",
-                                                        "lethe-transformer", "hf-mambapy", "hf-sequential"])
+                                                        "lethe-hybrid", "lethe-transformer", "hf-mambapy", "hf-sequential"])
     parser.add_argument("--mamba2-state", type=int, default=128, help="Mamba-2's d_state (the reference's 128)")
     parser.add_argument("--mamba2-headdim", type=int, default=64, help="Mamba-2's headdim (the reference's 64)")
+    parser.add_argument("--hybrid-pattern", default=None,
+                        help="lethe-hybrid's layers (lethe.models.hybrid); default: Mamba-2 with one attention layer in the middle")
     args = parser.parse_args()
     mamba2 = {"d_state": args.mamba2_state, "headdim": args.mamba2_headdim}
+    pattern = args.hybrid_pattern or "".join("*" if i == args.layers // 2 else "M" for i in range(args.layers))
     keep_freed_memory()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -97,6 +101,8 @@ def main():
         "lethe-mamba-chunked": lambda: lethe_mamba(args, "chunked"),
         "lethe-mamba2": lambda: matched(args, "mamba2", **mamba2),
         "lethe-mamba2-chunked": lambda: matched(args, "mamba2", **mamba2, scan_impl="chunked"),
+        # whole Mamba-2 and attention heads move a hybrid's width in steps of 32 (-5% at d_model 256)
+        "lethe-hybrid": lambda: matched(args, "hybrid", tolerance=0.1, pattern=pattern, mamba2=mamba2),
         "lethe-transformer": lambda: matched(args, "transformer", max_seq_len=1 << 16),
         "hf-mambapy": lambda: hf_mamba(args, True),
         "hf-sequential": lambda: hf_mamba(args, False),

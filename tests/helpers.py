@@ -28,6 +28,18 @@ SMALL_DATA = ["data.source.max_bytes=400000", "data.num_proc=1"]
 SMOKE = ["experiment=smoke", "logger=csv", *SMALL_DATA]
 
 
+def decode_in_segments(model, ids, segments, with_states: bool = False):
+    """Logits of `ids` fed through decoding states in pieces of the given lengths (and the states)."""
+    states = model.empty_states(ids.shape[0], ids.shape[1])
+    logits, start = [], 0
+    with torch.no_grad():
+        for length in segments:
+            logits.append(model(ids[:, start : start + length], states))
+            start += length
+    assert start == ids.shape[1]
+    return (torch.cat(logits, dim=1), states) if with_states else torch.cat(logits, dim=1)
+
+
 def options(group: str) -> list[str]:
     """The options of a config group (conf/<group>/*.yaml)."""
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
@@ -267,6 +279,21 @@ def mamba2_params(c: dict, vocab: int) -> int:
     return padded(vocab, c.get("pad_vocab_multiple", 8)) * d + c["n_layer"] * per_layer + d
 
 
+def hybrid_params(c: dict, vocab: int) -> int:
+    """A pattern's layers, each counted as its family counts one layer (its own block norm included)."""
+    d = c["d_model"]
+    shared = padded(vocab, c.get("pad_vocab_multiple", 8)) * d + d  # tied embedding, final norm
+
+    def one_layer(count, settings):
+        return count({"d_model": d, "n_layer": 1, **settings}, vocab) - shared
+
+    d_ff = (c.get("mlp") or {}).get("d_ff") or 64 * -(-8 * d // (3 * 64))
+    per_letter = {"m": one_layer(mamba_params, c.get("mamba") or {}), "M": one_layer(mamba2_params, c.get("mamba2") or {}),
+                  "*": 4 * d * d + d, "-": 3 * d * d_ff + d}
+    return shared + sum(per_letter[letter] for letter in c["pattern"])
+
+
 def family_params(c: dict, vocab: int) -> int:
     family = c["_target_"].rsplit(".", 1)[-1]
-    return {"MambaLM": mamba_params, "Mamba2LM": mamba2_params, "TransformerLM": transformer_params}[family](c, vocab)
+    return {"MambaLM": mamba_params, "Mamba2LM": mamba2_params, "TransformerLM": transformer_params,
+            "HybridLM": hybrid_params}[family](c, vocab)

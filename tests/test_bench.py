@@ -60,21 +60,26 @@ def test_attention_benchmark_compares_the_document_mask_with_causal():
 
 @pytest.mark.slow
 def test_generation_benchmark_reports_the_state_each_model_keeps():
-    prompt, new = 64, 4
+    prompt, new = 160, 4  # past samba-tiny's window of 128
     out = run_script("bench/generate.py", "--batches", "1", "--prompts", str(prompt), "--new-tokens", str(new), "--repeats", "1").stdout
-    (mamba,), (mamba2,), (transformer,) = (table_rows(out, name) for name in ("mamba-tiny", "mamba2-tiny", "transformer-tiny"))
-    assert float(mamba[5]) > 0 and float(mamba2[5]) > 0 and float(transformer[5]) > 0  # decode tok/s
+    (mamba,), (mamba2,), (hybrid,), (samba,), (transformer,) = (
+        table_rows(out, name) for name in ("mamba-tiny", "mamba2-tiny", "hybrid-tiny", "samba-tiny", "transformer-tiny"))
+    assert all(float(row[5]) > 0 for row in (mamba, mamba2, hybrid, samba, transformer))  # decode tok/s
     # mamba-tiny: 4 layers x (conv window 3 + SSM state 16) x d_inner 256 floats, whatever the length
     assert float(mamba[6]) == pytest.approx(4 * 256 * (3 + 16) * 4 / 2**20, abs=0.006)
     # mamba2-tiny: 4 layers x (conv window 3 x (d_inner 256 + B and C 2 x 64) + 8 heads x 32 x 64 state) floats
     assert float(mamba2[6]) == pytest.approx(4 * (3 * 384 + 8 * 32 * 64) * 4 / 2**20, abs=0.006)
     # transformer-tiny: 2 layers x (keys + values) x (prompt + new) positions x d_model 128 floats
     assert float(transformer[6]) == pytest.approx(2 * 2 * (prompt + new) * 128 * 4 / 2**20, abs=0.006)
+    # hybrid-tiny: 3 Mamba-2 layers (conv window 3 x (256 + 2 x 128) + 8 heads x 32 x 128 state) + one layer's KV cache
+    assert float(hybrid[6]) == pytest.approx((3 * (3 * 512 + 8 * 32 * 128) + 2 * (prompt + new) * 128) * 4 / 2**20, abs=0.006)
+    # samba-tiny: one Mamba layer, and a KV cache of the window's 128 positions only (MLPs keep nothing)
+    assert float(samba[6]) == pytest.approx((256 * (3 + 16) + 2 * 128 * 128) * 4 / 2**20, abs=0.006)
 
 
 @pytest.mark.slow
 def test_train_step_benchmark_reports_every_model_against_lethes_mamba():
-    models = ["lethe-mamba", "lethe-mamba-chunked", "lethe-mamba2", "lethe-transformer", "hf-mambapy", "hf-sequential"]
+    models = ["lethe-mamba", "lethe-mamba-chunked", "lethe-mamba2", "lethe-hybrid", "lethe-transformer", "hf-mambapy", "hf-sequential"]
     out = run_script("bench/train_step.py", "--shapes", "2,32", "--d-model", "64", "--layers", "2", "--vocab", "64", "--rounds", "2",
                      "--mamba2-state", "8", "--mamba2-headdim", "16", "--models", *models).stdout
     rows = {row[1]: row for row in table_rows(out, "2 x 32")}
@@ -87,4 +92,4 @@ def test_train_step_benchmark_reports_every_model_against_lethes_mamba():
     # the same architecture everywhere: transformers' Mamba has Lethe's parameter count, the Transformer++ is matched to it
     params = {name: float(row[2].rstrip("M")) for name, row in rows.items()}
     assert params["hf-mambapy"] == params["lethe-mamba"]
-    assert all(abs(params[name] / params["lethe-mamba"] - 1) < 0.05 for name in ("lethe-transformer", "lethe-mamba2"))
+    assert all(abs(params[name] / params["lethe-mamba"] - 1) < 0.05 for name in ("lethe-transformer", "lethe-mamba2", "lethe-hybrid"))

@@ -33,10 +33,12 @@ def test_model_sizes_state_only_what_differs_from_their_family():
     for name in options("model"):
         own = OmegaConf.load(CONF / "model" / f"{name}.yaml")
         family = own.defaults[0].split("@")[0]
-        assert family in ("family/mamba", "family/mamba2", "family/transformer"), name
+        assert family in ("family/mamba", "family/mamba2", "family/transformer", "family/hybrid"), name
         stated = set(own) - {"defaults"}
         # mamba2-tiny halves the reference's state to stay parameter-matched at d_model 128
         allowed = {"d_model", "n_layer", "n_head", "d_ff"} | ({"d_state", "headdim"} if name == "mamba2-tiny" else set())
+        if family == "family/hybrid":  # a stack and the settings of its layer types
+            allowed = {"d_model", "pattern", "mamba2", "mamba", "attention", "mlp"}
         assert stated <= allowed, (name, stated)
 
 

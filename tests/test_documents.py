@@ -13,7 +13,7 @@ from helpers import perturbed
 from lethe.errors import ConfigError
 from lethe.models import Mamba2LM, MambaLM, TransformerLM
 from lethe.ops import documents
-from lethe.ops.documents import attention_mask, document_attention, document_ids, document_positions, tap_mask
+from lethe.ops.documents import attention_mask, document_ids, document_positions, masked_attention, tap_mask
 
 VOCAB = 37
 IMPLS = {  # name: (model class, options, device)
@@ -160,7 +160,7 @@ def test_query_tiles_attend_as_the_whole_mask_does(layout, monkeypatch):
     whole = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(starts))
     expected = torch.autograd.grad(whole, (q, k, v), grad_out)
     monkeypatch.setattr(documents, "QUERY_TILE", 32)  # 5 tiles, the last one short
-    tiled = document_attention(q, k, v, starts, "sdpa")
+    tiled = masked_attention(q, k, v, starts, impl="sdpa")
     torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-6)
     for got, want in zip(torch.autograd.grad(tiled, (q, k, v), grad_out), expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

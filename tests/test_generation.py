@@ -4,10 +4,10 @@ different lengths decode as if alone, sampling filters do what they say, generat
 import pytest
 import torch
 
-from helpers import CPU_SCAN_IMPLS, CPU_SSD_IMPLS, perturbed, run_script
+from helpers import CPU_SCAN_IMPLS, CPU_SSD_IMPLS, decode_in_segments, perturbed, run_script
 from lethe.data import byte_tokenizer
 from lethe.errors import ConfigError
-from lethe.generation import generate, sample_next_token
+from lethe.generation import generate, sample_next_token, state_bytes
 from lethe.models import Mamba2LM, MambaLM, TransformerLM
 from lethe.ops import causal_conv1d, causal_conv1d_reference
 from lethe.training.checkpoint import save_model_checkpoint
@@ -28,17 +28,6 @@ def tiny_model(kind, scan_impl="auto", seed=0):
 
 MODELS = ([("mamba", impl) for impl in CPU_SCAN_IMPLS] + [("mamba2", impl) for impl in CPU_SSD_IMPLS]
           + [("transformer", None)])
-
-
-def decode_in_segments(model, ids, segments):
-    """Logits of `ids` fed through decoding states in pieces of the given lengths."""
-    states = model.empty_states(ids.shape[0], ids.shape[1])
-    logits, start = [], 0
-    for length in segments:
-        logits.append(model(ids[:, start : start + length], states))
-        start += length
-    assert start == ids.shape[1]
-    return torch.cat(logits, dim=1)
 
 
 @pytest.mark.parametrize("kind,impl", MODELS)
@@ -66,10 +55,6 @@ def test_decoding_states_depend_on_the_history(kind):
 
 
 def test_mamba_state_is_constant_size_and_the_kv_cache_grows():
-    def state_bytes(states):
-        tensors = [t for s in states for t in vars(s).values() if isinstance(t, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
     sizes = {}
     for kind in ("mamba", "mamba2", "transformer"):
         model = tiny_model(kind)

@@ -38,7 +38,7 @@ from lethe.errors import ConfigError, LetheError
 from lethe.evaluation import CheckpointEvaluator
 from lethe.interop import export_checkpoint, import_pretrained
 from lethe.interop.__main__ import main as interop_main
-from lethe.models import Mamba2LM, MambaLM, TransformerLM
+from lethe.models import HybridLM, Mamba2LM, MambaLM, TransformerLM
 from lethe.training.checkpoint import load_trained_model, read_checkpoint, save_model_checkpoint
 from lethe.training.run import check_resumable, load_initial_weights
 
@@ -198,6 +198,14 @@ def test_lti_mamba_is_not_exported(tmp_path, tokenizer):
         export_checkpoint(write_ckpt(model, tokenizer, tmp_path / "lti.ckpt"), tmp_path / "hf")
     assert_one_line(exc, "selectivity", "delta, B", "no equivalent")
     assert not (tmp_path / "hf" / "config.json").exists()
+
+
+def test_a_hybrid_is_refused_by_name(tmp_path, tokenizer):
+    model = HybridLM(vocab_size=257, d_model=32, pattern="M*", mamba2={"d_state": 8, "headdim": 16}, attention={"n_head": 2})
+    with pytest.raises(LetheError) as exc:
+        export_checkpoint(write_ckpt(model, tokenizer, tmp_path / "hybrid.ckpt"), tmp_path / "hf")
+    assert_one_line(exc, "HybridLM (pattern M*)", "no class for a hybrid", "eval.py")
+    assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.parametrize("field,value", [

@@ -39,7 +39,8 @@ def test_no_target_writes_to_a_path_starting_with_a_dash(target):
     assert proc.returncode == 0, proc.stderr
     for path in PATH_KEYS.findall(proc.stdout):
         assert not path.startswith(("-", "/-")), f"make {target}: {path}"
-        if target in ("compare", "sweep", "hparams", "ablation", "induction"):  # a timestamped directory below logs/<target>/
+        # a timestamped directory below logs/<target>/
+        if target in ("compare", "zoo", "sweep", "hparams", "ablation", "induction", "synthetic"):
             assert re.match(rf"logs/{target}/\d{{4}}-\d\d-\d\d_\d\d-\d\d-\d\d(/|$)", path), f"make {target}: {path}"
 
 

@@ -30,6 +30,7 @@ from lethe.config import instantiate
 from lethe.data.datamodule import cross_document_setting
 from lethe.data.tokenizer import token_byte_lengths
 from lethe.errors import ConfigError, LetheError, first_line, is_int, is_number, require, require_int
+from lethe.generation import decoding_state_bytes
 from lethe.metrics import perplexity, summed_nll
 from lethe.training.checkpoint import load_trained_model
 from lethe.training.resume import run_dir_of
@@ -148,7 +149,10 @@ class CheckpointEvaluator:
         results = {"run": self.run_name, "ckpt": str(self.path), "model": self.meta["model_target"].rsplit(".", 1)[-1],
                    "tokenizer": self.tokenizer_name(), "params": self.meta["num_params"], "train_seq_len": self.seq_len,
                    "cross_document": cross_document_setting(self.data),
-                   "tokens_trained": self.tokens_trained()}
+                   "tokens_trained": self.run_metrics().get("tokens_seen"),
+                   "train_tokens_per_s": self.run_metrics().get("train_tokens_per_s"),
+                   # what decoding one sequence of the training length holds: SSM states, KV caches
+                   "state_mb": decoding_state_bytes(self.model, self.seq_len) / 2**20}
         with tempfile.TemporaryDirectory() as tokenizer_dir:
             # the checkpoint's own tokenizer, from its files: eval never re-trains or downloads one
             self.tokenizer.save_pretrained(tokenizer_dir)
@@ -170,12 +174,11 @@ class CheckpointEvaluator:
         kind = str(spec.get("_target_") or spec.get("kind") or "imported").rsplit(".", 1)[-1]
         return f"{kind} ({len(self.tokenizer):,})"
 
-    def tokens_trained(self):
+    def run_metrics(self) -> dict:
+        """The training run's metrics.json ({} for a checkpoint outside a run, e.g. an imported one)."""
         run_dir = run_dir_of(self.path)
         metrics = run_dir / "metrics.json" if run_dir else None
-        if metrics and metrics.is_file():
-            return json.loads(metrics.read_text()).get("tokens_seen")
-        return None
+        return json.loads(metrics.read_text()) if metrics and metrics.is_file() else {}
 
 
 def evaluate_checkpoints(cfg: DictConfig) -> tuple[list[dict], list[dict]]:

@@ -52,6 +52,26 @@ def sample_next_token(logits, temperature: float = 1.0, top_k: int | None = None
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def state_bytes(states: list) -> int:
+    """Bytes of decoding state the layers hold (Mamba's recurrent states, attention's KV caches)."""
+    tensors = [t for s in states if s is not None for t in vars(s).values() if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@torch.no_grad()
+def decoding_state_bytes(model, length: int, batch_size: int = 1) -> int:
+    """Bytes of decoding state `model` holds per batch of sequences after `length` tokens."""
+    states = model.empty_states(batch_size, length)
+    device = next(model.parameters()).device
+    model(torch.zeros(batch_size, length, dtype=torch.long, device=device), states)
+    return state_bytes(states)
+
+
+def fixed_size(states: list) -> bool:
+    """Whether every layer's decoding state keeps its tensors and size (CUDA-graph replay)."""
+    return all(state is None or state.fixed_size for state in states)
+
+
 class GraphedDecodeStep:
     """One decoding step of `model` on `states`, recorded as a CUDA graph and replayed.
 
@@ -61,17 +81,19 @@ class GraphedDecodeStep:
     """
 
     def __init__(self, model, states):
-        if not all(state.fixed_size for state in states):
-            raise ConfigError("cuda_graph=true needs fixed-size decoding states (Mamba); a Transformer's KV cache grows every step")
-        self.tokens = torch.zeros(states[0].ssm.shape[0], 1, dtype=torch.long, device=states[0].ssm.device)
-        saved = [{k: t.clone() for k, t in vars(s).items()} for s in states]
+        kept = [state for state in states if state is not None]  # MLP layers keep none
+        if not kept or not fixed_size(states):
+            raise ConfigError("cuda_graph=true needs fixed-size decoding states (Mamba layers only); "
+                              "an attention layer's KV cache moves every step")
+        self.tokens = torch.zeros(kept[0].ssm.shape[0], 1, dtype=torch.long, device=kept[0].ssm.device)
+        saved = [{k: t.clone() for k, t in vars(s).items()} for s in kept]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
                 model(self.tokens, states)
         torch.cuda.current_stream().wait_stream(side)
-        for state, copy in zip(states, saved):
+        for state, copy in zip(kept, saved):
             for name, tensor in copy.items():
                 getattr(state, name).copy_(tensor)
         self.graph = torch.cuda.CUDAGraph()

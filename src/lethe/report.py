@@ -142,7 +142,9 @@ def eval_columns(rows: list[dict]) -> list:
     second = "acc" if synthetic else "bpb"
     columns = [("run", lambda r: r.get("label", r["run"]), str), ("model", lambda r: r["model"], str),
                ("tokenizer", lambda r: r.get("tokenizer"), str), ("params", lambda r: r["params"], ",d"),
-               ("tokens trained", lambda r: r["tokens_trained"], millions)]
+               ("tokens trained", lambda r: r["tokens_trained"], millions),
+               ("train tok/s", lambda r: r.get("train_tokens_per_s"), ",.0f"),
+               ("state MB", lambda r: r.get("state_mb"), ".3f")]
     if not synthetic:  # how packed documents were scored: each alone (reset) or with its neighbours' context
         columns.insert(3, ("documents", lambda r: {False: "reset", True: "cross"}.get(r.get("cross_document")), str))
     for split in splits:

@@ -23,7 +23,7 @@ from transformers import AutoConfig, LlamaConfig, Mamba2Config, MambaConfig
 from lethe.data import load_tokenizer
 from lethe.errors import LetheError, first_line
 from lethe.files import atomic_directory
-from lethe.models import Mamba2LM, MambaLM, TransformerLM, model_target
+from lethe.models import HybridLM, Mamba2LM, MambaLM, TransformerLM, model_target
 from lethe.models.transformer import default_d_ff
 from lethe.modules.mamba import resolve_dt_rank
 from lethe.training.checkpoint import build_model, load_trained_model, save_model_checkpoint
@@ -250,6 +250,10 @@ def export_checkpoint(ckpt_path, out_dir, force: bool = False) -> Path:
     checkpoint; returns the directory."""
     model, tokenizer, meta = load_trained_model(ckpt_path)
     target = meta["model_target"]
+    if target == model_target(HybridLM):
+        raise LetheError(f"checkpoint {ckpt_path} holds a HybridLM (pattern {meta['model_config']['pattern']}): transformers "
+                         "has no class for a hybrid stack, so it cannot be exported; score and sample it with eval.py "
+                         "and generate.py (a pure stack exports when trained as model=mamba-*, mamba2-* or transformer-*)")
     if target not in HF_NAMES:
         raise LetheError(f"checkpoint {ckpt_path} holds a {target}; Lethe exports MambaLM, Mamba2LM and TransformerLM only")
     refusal = export_refusal(target, meta["model_config"])

@@ -8,7 +8,9 @@ and divided by sqrt(n_residuals_per_layer * n_layer) so the stream's variance do
 with depth.
 """
 
+import inspect
 import math
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +22,34 @@ from lethe.modules import RMSNorm
 def constructor_args(frame_locals: dict) -> dict:
     """The constructor's arguments from its locals(), for `model.config` (checkpoint metadata)."""
     return {k: v for k, v in frame_locals.items() if k not in ("self", "__class__")}
+
+
+def plain(value):
+    """Mappings and lists (OmegaConf's included) as plain dicts and lists, recursively: checkpoints
+    record plain values, so init_from and resume compare configs equal and pickle no OmegaConf object."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [plain(v) for v in value]
+    return value
+
+
+def layer_keys(layer_cls) -> list[str]:
+    """The settings a layer class takes besides d_model (MambaMixer: d_state, d_conv, ...)."""
+    return [name for name in inspect.signature(layer_cls).parameters if name != "d_model"]
+
+
+def layer_settings(layer_cls, config: dict) -> dict:
+    """The entries of a model's config that a layer class takes."""
+    return {k: v for k, v in config.items() if k in layer_keys(layer_cls)}
+
+
+def layer_args(layer_cls, settings: dict) -> dict:
+    """Every setting `layer_cls(d_model, ...)` runs with: `settings` over the class's defaults (a
+    required one it lacks stays missing, for the builder's check to name)."""
+    defaults = {name: p.default for name, p in inspect.signature(layer_cls).parameters.items()
+                if name != "d_model" and p.default is not inspect.Parameter.empty}
+    return {**defaults, **settings}
 
 
 def model_target(model) -> str:
@@ -107,6 +137,17 @@ class LanguageModel(nn.Module):
         """Per-layer decoding states for sequences of up to max_length tokens in all."""
         self.check_length(max_length, "decoding (prompt + new tokens)", "shorten the prompt or max_new_tokens")
         return [layer.mixer.empty_state(batch_size, max_length) for layer in self.layers]
+
+    def describe_layers(self) -> list[str]:
+        """The stack, one line per run of identical layers: "layers 0-5  Mamba-2 (d_state 128, ...)"."""
+        runs: list[list] = []  # [first, last, text]
+        for index, layer in enumerate(self.layers):
+            text = " + ".join(f"{m.kind} ({m.extra_repr()})" for m in (layer.mixer, layer.mlp) if m is not None)
+            if runs and runs[-1][2] == text:
+                runs[-1][1] = index
+            else:
+                runs.append([index, index, text])
+        return [f"{f'layer {a}' if a == b else f'layers {a}-{b}':<13}{text}" for a, b, text in runs]
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Parameters, tied embedding/head counted once; optionally without the embedding."""

@@ -1,19 +1,45 @@
 """Mamba-2 language model: a stack of pre-norm Mamba-2 mixer blocks, optionally each with a
-SwiGLU MLP (`d_intermediate` > 0), as the reference's Mamba-2 LMs allow."""
+SwiGLU MLP (`d_intermediate` > 0), as the reference's Mamba-2 LMs allow.
 
-from collections.abc import Sequence
+`mamba2_mixer` checks one layer's settings and builds it: Mamba2LM stacks it n_layer times, a
+hybrid (lethe.models.hybrid) wherever its pattern says `M`.
+"""
 
 from lethe.errors import is_number, require, require_int, require_positive
-from lethe.models.lm import LanguageModel, constructor_args
+from lethe.models.lm import LanguageModel, constructor_args, layer_args, layer_settings, plain
+from lethe.models.mamba import require_dt_init
 from lethe.modules import Block, Mamba2Mixer, SwiGLU
 from lethe.ops import SSD_IMPL_CHOICES
 
 
 def _require_range(key: str, value, low_ok, what: str) -> tuple[float, float]:
     """A [low, high] pair of numbers with low_ok(low) and low <= high."""
+    value = plain(value)
     ok = isinstance(value, list) and len(value) == 2 and all(is_number(v) for v in value)
     require(ok and low_ok(value[0]) and value[0] <= value[1], key, value, what)
     return float(value[0]), float(value[1])
+
+
+def mamba2_mixer(d_model: int, prefix: str = "model", **settings) -> Mamba2Mixer:
+    """One Mamba-2 layer's mixer from its settings (Mamba2Mixer's keywords, defaults for the rest);
+    a setting out of range is a ConfigError naming `prefix`.<key>."""
+    a = layer_args(Mamba2Mixer, settings)
+    for key in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
+        require_int(f"{prefix}.{key}", a[key])
+    d_inner = a["expand"] * d_model
+    require(d_inner % a["headdim"] == 0, f"{prefix}.headdim", a["headdim"],
+            f"a divisor of d_inner = expand * d_model = {d_inner} (nheads = d_inner / headdim)")
+    nheads = d_inner // a["headdim"]
+    require(nheads % a["ngroups"] == 0, f"{prefix}.ngroups", a["ngroups"], f"a divisor of nheads = d_inner / headdim = {nheads}")
+    a["A_init_range"] = _require_range(f"{prefix}.A_init_range", a["A_init_range"], lambda low: low > 0,
+                                       "[low, high] with 0 < low <= high")
+    if a["dt_limit"] is not None:
+        a["dt_limit"] = _require_range(f"{prefix}.dt_limit", a["dt_limit"], lambda low: low >= 0,
+                                       "null (no clamp) or [min, max] with 0 <= min <= max (.inf for no upper bound)")
+    require_dt_init(prefix, a)
+    require_positive(f"{prefix}.norm_eps", a["norm_eps"])
+    require(a["scan_impl"] in SSD_IMPL_CHOICES, f"{prefix}.scan_impl", a["scan_impl"], f"one of {', '.join(SSD_IMPL_CHOICES)}")
+    return Mamba2Mixer(d_model, **a)
 
 
 class Mamba2LM(LanguageModel):
@@ -42,48 +68,19 @@ class Mamba2LM(LanguageModel):
         pad_vocab_multiple: int = 8,
         residual_in_fp32: bool = True,
     ):
-        # checkpoints record plain lists, whether a tuple, a list or an OmegaConf ListConfig came in
-        # (so init_from and resume compare equal, and no OmegaConf object is pickled)
-        A_init_range, dt_limit = (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
-                                  for v in (A_init_range, dt_limit))
+        A_init_range, dt_limit = plain(A_init_range), plain(dt_limit)
         config = constructor_args(locals())
         self.validate_common(vocab_size, d_model, n_layer, norm_eps, pad_vocab_multiple)
-        for key, value in (("d_state", d_state), ("d_conv", d_conv), ("expand", expand), ("headdim", headdim),
-                           ("ngroups", ngroups), ("chunk_size", chunk_size)):
-            require_int(f"model.{key}", value)
-        d_inner = expand * d_model
-        require(d_inner % headdim == 0, "model.headdim", headdim,
-                f"a divisor of d_inner = expand * d_model = {d_inner} (nheads = d_inner / headdim)")
-        nheads = d_inner // headdim
-        require(nheads % ngroups == 0, "model.ngroups", ngroups, f"a divisor of nheads = d_inner / headdim = {nheads}")
-        A_init_range = _require_range("model.A_init_range", A_init_range, lambda low: low > 0, "[low, high] with 0 < low <= high")
-        if dt_limit is not None:
-            dt_limit = _require_range("model.dt_limit", dt_limit, lambda low: low >= 0,
-                                      "null (no clamp) or [min, max] with 0 <= min <= max (.inf for no upper bound)")
-        require_positive("model.dt_min", dt_min)
-        require_positive("model.dt_max", dt_max)
-        require(dt_min <= dt_max, "model.dt_min", dt_min, f"<= model.dt_max={dt_max}")
-        require(is_number(dt_init_floor) and dt_init_floor >= 0, "model.dt_init_floor", dt_init_floor, "a number >= 0")
         require(isinstance(d_intermediate, int) and d_intermediate >= 0, "model.d_intermediate", d_intermediate,
                 "0 (no MLP) or the SwiGLU hidden width")
-        require(scan_impl in SSD_IMPL_CHOICES, "model.scan_impl", scan_impl, f"one of {', '.join(SSD_IMPL_CHOICES)}")
 
         # the mixer's output writes into the residual stream, and the MLP's when there is one
         self.residual_projections = ("out_proj.weight", "down_proj.weight") if d_intermediate else ("out_proj.weight",)
         self.n_residuals_per_layer = 2 if d_intermediate else 1
+        settings = layer_settings(Mamba2Mixer, config)
         blocks = [
-            Block(
-                d_model,
-                Mamba2Mixer(
-                    d_model, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim, ngroups=ngroups,
-                    A_init_range=A_init_range, dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
-                    dt_limit=dt_limit, D_has_hdim=D_has_hdim, conv_bias=conv_bias, bias=bias, norm_eps=norm_eps,
-                    chunk_size=chunk_size, scan_impl=scan_impl,
-                ),
-                SwiGLU(d_model, d_intermediate) if d_intermediate else None,
-                norm_eps=norm_eps,
-                residual_in_fp32=residual_in_fp32,
-            )
+            Block(d_model, mamba2_mixer(d_model, **settings), SwiGLU(d_model, d_intermediate) if d_intermediate else None,
+                  norm_eps=norm_eps, residual_in_fp32=residual_in_fp32)
             for _ in range(n_layer)
         ]
         super().__init__(config, blocks, vocab_size, d_model, norm_eps, pad_vocab_multiple)

@@ -6,7 +6,8 @@ query-key dot product depends only on the relative position. There are no learne
 
 With a `KVCache` the layer decodes incrementally: new tokens take the positions after the cached
 ones, their keys and values are appended, and they attend to everything cached so far. Unlike
-Mamba's fixed-size state, the cache grows by one key and one value per token and layer.
+Mamba's fixed-size state, the cache grows by one key and one value per token and layer; with a
+sliding `window` (Samba-style hybrids) it holds only the window's positions, as a ring.
 
 With `document_starts` (packed documents, lethe.ops.documents) a token attends only to the earlier
 tokens of its own document (a block-diagonal causal mask) and its RoPE position counts from its
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lethe.ops.documents import document_attention, document_positions
+from lethe.ops.documents import document_positions, masked_attention
 
 ATTENTION_IMPLS = ("auto", "sdpa", "flex")
 
@@ -48,36 +49,61 @@ def apply_rope(x, cos, sin):
 
 @dataclass
 class KVCache:
-    """One layer's keys and values so far, preallocated for `capacity` positions.
+    """One layer's keys and values, preallocated for `capacity` positions: the whole sequence, or
+    (sliding-window attention) only the last `capacity` = window positions, as a ring.
 
-    keys, values: (batch, n_head, capacity, head_dim), allocated at the first write in the
-    dtype of the keys (bf16 under autocast); `length` positions are filled.
+    keys, values: (batch, n_head, capacity, head_dim), allocated at the first write in the dtype
+    of the keys (bf16 under autocast); position p sits in slot p % capacity; `length` positions
+    were seen, the last min(length, capacity) are held; `limit` positions may be seen in all.
     """
 
     capacity: int
+    limit: int
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
     length: int = 0
-    fixed_size: ClassVar[bool] = False  # the attended length grows every step
+    fixed_size: ClassVar[bool] = False  # written at a moving slot: no CUDA-graph replay
 
-    def append(self, k, v):
-        """Store k, v (batch, n_head, new, head_dim) after the cached ones; return all so far."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.capacity:
-            raise ValueError(f"KV cache holds {self.capacity} positions; cannot append up to {end}")
+    def held(self):
+        """(keys, values, positions) of what the cache holds, in slot order: slot s holds the
+        latest position p < length with p % capacity == s."""
+        filled = min(self.length, self.capacity)
+        slots = torch.arange(filled, device=self.keys.device)
+        positions = slots + self.capacity * ((self.length - 1 - slots) // self.capacity)
+        return self.keys[:, :, :filled], self.values[:, :, :filled], positions
+
+    def store(self, k, v):
+        """Store k, v (batch, n_head, new, head_dim), the positions after the seen ones (of them
+        the last `capacity`, when more come)."""
+        if self.length + k.shape[2] > self.limit:
+            raise ValueError(f"KV cache holds {self.limit} positions; cannot append up to {self.length + k.shape[2]}")
         if self.keys is None:
             shape = (k.shape[0], k.shape[1], self.capacity, k.shape[3])
             self.keys, self.values = k.new_empty(shape), v.new_empty(shape)
-        self.keys[:, :, start:end] = k
-        self.values[:, :, start:end] = v
-        self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        new = k.shape[2]
+        keep = min(new, self.capacity)
+        first = self.length + new - keep
+        if first // self.capacity == (first + keep - 1) // self.capacity:  # one contiguous run of slots
+            slots = slice(first % self.capacity, first % self.capacity + keep)
+        else:
+            slots = torch.arange(first, first + keep, device=k.device) % self.capacity
+        self.keys[:, :, slots] = k[:, :, new - keep:]
+        self.values[:, :, slots] = v[:, :, new - keep:]
+        self.length += new
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_head: int, rope_theta: float = 10000.0, attention_impl: str = "auto"):
-        """attention_impl, for packed documents: sdpa (a boolean mask, in query tiles), flex (FlexAttention's block
-        mask; compiled on CUDA, eager elsewhere) or auto (flex on CUDA, else sdpa)."""
+    kind = "attention"
+
+    def extra_repr(self) -> str:
+        window = "" if self.window is None else f", window {self.window}"
+        return f"{self.n_head} heads of {self.head_dim}{window}"
+
+    def __init__(self, d_model: int, n_head: int, rope_theta: float = 10000.0, attention_impl: str = "auto",
+                 window: int | None = None):
+        """attention_impl, for packed documents and windows: sdpa (a boolean mask, in query tiles),
+        flex (FlexAttention's block mask; compiled on CUDA, eager elsewhere) or auto (flex on CUDA,
+        else sdpa). window: each query sees only the last `window` positions (itself included)."""
         super().__init__()
         if attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
@@ -85,12 +111,13 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = d_model // n_head
         self.rope_theta = rope_theta
         self.attention_impl = attention_impl
+        self.window = window
         self.qkv_proj = nn.Linear(d_model, 3 * d_model, bias=False)
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
 
     def empty_state(self, batch_size: int, max_length: int) -> KVCache:
-        """A KV cache for decoding up to max_length positions in all."""
-        return KVCache(capacity=max_length)
+        """A KV cache for decoding up to max_length positions in all: the window's, if shorter."""
+        return KVCache(capacity=max_length if self.window is None else min(self.window, max_length), limit=max_length)
 
     def forward(self, x, state: KVCache | None = None, document_starts: torch.Tensor | None = None):
         """x: (batch, length, d_model). With `state`, x continues the cached sequence; with
@@ -110,15 +137,34 @@ class CausalSelfAttention(nn.Module):
             positions = document_positions(document_starts)[0][:, None]  # (batch, 1, length): shared by heads
         cos, sin = rope_angles(positions, self.head_dim, self.rope_theta, angle_dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if state is not None and start == 0:
-            state.append(k, v)
-        if document_starts is not None:
-            y = document_attention(q, k, v, document_starts, self.attention_impl)
-        elif start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if start == 0:
+            y = self._attend(q, k, v, document_starts)
+            if state is not None:
+                state.store(k, v)
         else:
-            k, v = state.append(k, v)
-            # query i sits at position start + i and sees keys 0 .. start + i
-            visible = torch.arange(start + length, device=x.device) <= torch.arange(start, start + length, device=x.device)[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+            y = self._attend_cached(q, k, v, state, positions)
         return self.o_proj(y.transpose(1, 2).reshape(batch, length, d_model))
+
+    def _attend(self, q, k, v, document_starts):
+        """A whole sequence: the causal kernel, or masks for documents and a window shorter than it."""
+        if document_starts is None and (self.window is None or self.window >= q.shape[2]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return masked_attention(q, k, v, document_starts, self.window, self.attention_impl)
+
+    def _attend_cached(self, q, k, v, state: KVCache, positions):
+        """New tokens at `positions` after the cached ones: they see the cache and each other,
+        causally and within the window; the cache takes them."""
+        if q.shape[2] == 1 or state.length + q.shape[2] <= state.capacity:
+            # storing first overwrites nothing a new query sees (one token: only the slot that just
+            # left the window), so they attend the cache in place, without a copy
+            state.store(k, v)
+            keys, values, key_positions = state.held()
+        else:  # a block of tokens wrapping the window's ring: attend the old slots, then store
+            held_k, held_v, held_positions = state.held()
+            keys, values = torch.cat([held_k, k], dim=2), torch.cat([held_v, v], dim=2)
+            key_positions = torch.cat([held_positions, positions])
+            state.store(k, v)
+        visible = key_positions <= positions[:, None]
+        if self.window is not None:
+            visible &= positions[:, None] - key_positions < self.window
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)

@@ -73,6 +73,11 @@ def project(weight, bias, x):
 
 
 class MambaMixer(nn.Module):
+    kind = "Mamba"  # how a model's layer summary names it (LanguageModel.describe_layers)
+
+    def extra_repr(self) -> str:
+        return f"d_state {self.d_state}, d_inner {self.d_inner}"
+
     def __init__(
         self,
         d_model: int,

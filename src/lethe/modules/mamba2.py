@@ -24,6 +24,11 @@ from lethe.ops import causal_conv1d, ssd_scan
 
 
 class Mamba2Mixer(nn.Module):
+    kind = "Mamba-2"
+
+    def extra_repr(self) -> str:
+        return f"d_state {self.d_state}, {self.nheads} heads of {self.headdim}"
+
     def __init__(
         self,
         d_model: int,

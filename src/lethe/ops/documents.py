@@ -4,6 +4,8 @@ A training block packs several documents (and the ends of others) into one row; 
 (batch, length), true at the first step of every document, says where they begin. Every layer
 that looks back (the scan's state, the convolution's taps, attention and its RoPE positions)
 reads these to see only the step's own document, as if it were alone.
+
+Attention's masks live here too: the same tiled path serves documents and sliding windows.
 """
 
 import warnings
@@ -38,21 +40,31 @@ def document_ids(starts: torch.Tensor) -> torch.Tensor:
     return starts.long().cumsum(dim=-1)
 
 
-def attention_mask(starts: torch.Tensor, queries: slice = slice(None), keys: slice = slice(None)) -> torch.Tensor:
-    """(batch, 1, queries, keys) bool, true where query i may attend key j: j <= i, same document
-    (by default every query and key of the row; slices give one tile of it)."""
-    ids, steps = document_ids(starts), torch.arange(starts.shape[-1], device=starts.device)
-    causal = steps[keys] <= steps[queries, None]
-    return (causal & (ids[:, queries, None] == ids[:, None, keys]))[:, None]
+def attention_mask(starts: torch.Tensor | None, queries: slice = slice(None), keys: slice = slice(None),
+                   window: int | None = None, length: int | None = None, device=None) -> torch.Tensor:
+    """(batch or 1, 1, queries, keys) bool, true where query i may attend key j: j <= i, the same
+    document (with `starts`; else a row of `length` steps on `device`), and i - j < window (with
+    a window); by default every query and key of the row, slices give one tile of it."""
+    if starts is not None:
+        length, device = starts.shape[-1], starts.device
+    steps = torch.arange(length, device=device)
+    visible = steps[keys] <= steps[queries, None]
+    if window is not None:
+        visible = visible & (steps[queries, None] - steps[keys] < window)
+    if starts is None:
+        return visible[None, None]
+    ids = document_ids(starts)
+    return (visible & (ids[:, queries, None] == ids[:, None, keys]))[:, None]
 
 
 _compiled_flex = None
 
 
-def _flex_attention(q, k, v, starts):
-    """FlexAttention with the block-diagonal causal mask: blocks of 128 x 128 that the mask empties
-    (every pair of different documents) are skipped, not computed and masked. Compiled on CUDA
-    (its fast path), eager elsewhere (the same math, for tests on CPU)."""
+def _flex_attention(q, k, v, starts, window):
+    """FlexAttention with the causal mask cut to documents and/or a window: blocks of 128 x 128 that
+    the mask empties (every pair of different documents, everything beyond the window) are skipped,
+    not computed and masked. Compiled on CUDA (its fast path), eager elsewhere (the same math, for
+    tests on CPU)."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -60,13 +72,19 @@ def _flex_attention(q, k, v, starts):
         raise ConfigError("model.attention_impl=flex has no backward on CPU (torch's FlexAttention); "
                           "train on CPU with attention_impl=auto or sdpa")
 
-    ids = document_ids(starts)
+    ids = document_ids(starts) if starts is not None else None
 
-    def same_document_causal(b, h, q_index, kv_index):
-        return (q_index >= kv_index) & (ids[b, q_index] == ids[b, kv_index])
+    def visible(b, h, q_index, kv_index):
+        keep = q_index >= kv_index
+        if window is not None:
+            keep = keep & (q_index - kv_index < window)
+        if ids is not None:
+            keep = keep & (ids[b, q_index] == ids[b, kv_index])
+        return keep
 
     length = q.shape[-2]
-    block_mask = create_block_mask(same_document_causal, q.shape[0], None, length, length, device=q.device)
+    batch = q.shape[0] if ids is not None else None
+    block_mask = create_block_mask(visible, batch, None, length, length, device=q.device)
     if q.is_cuda:
         _compiled_flex = _compiled_flex or torch.compile(flex_attention, dynamic=False)
         return _compiled_flex(q, k, v, block_mask=block_mask)
@@ -75,33 +93,39 @@ def _flex_attention(q, k, v, starts):
         return flex_attention(q, k, v, block_mask=block_mask)
 
 
-def document_attention(q, k, v, starts, impl: str = "auto"):
-    """Causal attention within each packed document. q, k, v: (batch, heads, length, head_dim);
-    impl: sdpa (boolean mask, in query tiles; any device), flex (FlexAttention), auto (flex on
-    CUDA where the head size suits its kernels, else sdpa)."""
+def masked_attention(q, k, v, starts=None, window: int | None = None, impl: str = "auto"):
+    """Causal attention within each packed document (`starts`) and/or within a sliding `window`.
+    q, k, v: (batch, heads, length, head_dim); impl: sdpa (boolean mask, in query tiles; any
+    device), flex (FlexAttention), auto (flex on CUDA where the head size suits its kernels, else
+    sdpa)."""
     head_dim = q.shape[-1]
     if impl == "auto":
         impl = "flex" if q.is_cuda and head_dim >= 16 and head_dim & (head_dim - 1) == 0 else "sdpa"
     if impl == "flex":
-        return _flex_attention(q, k, v, starts)
-    return _tiled_sdpa(q, k, v, starts)
+        return _flex_attention(q, k, v, starts, window)
+    return _tiled_sdpa(q, k, v, starts, window)
 
 
 QUERY_TILE = 256
 
 
-def _tiled_sdpa(q, k, v, starts):
+def _tiled_sdpa(q, k, v, starts, window):
     """SDPA with the boolean mask, a tile of QUERY_TILE queries at a time: each tile reads keys
-    only from the start of its first query's document (the earliest of the tile) to its last
-    query. A masked SDPA alone computes every query-key pair (and holds a length x length mask);
-    tiles skip the future, as the causal kernel does, and every key before the tile's documents."""
+    only from the earliest one a query of the tile may see (its first query's document start, or
+    window - 1 before it) to its last query. A masked SDPA alone computes every query-key pair (and
+    holds a length x length mask); tiles skip the future, as the causal kernel does, and every key
+    before the tile's documents or window."""
     length = q.shape[-2]
-    document_start = torch.arange(length, device=starts.device) - document_positions(starts)[0]  # (batch, length)
-    first_keys = document_start[:, ::QUERY_TILE].min(dim=0).values.tolist()
+    first_keys = [0] * len(range(0, length, QUERY_TILE))
+    if starts is not None:  # data-dependent: where the tiles' documents start
+        document_start = torch.arange(length, device=starts.device) - document_positions(starts)[0]  # (batch, length)
+        first_keys = document_start[:, ::QUERY_TILE].min(dim=0).values.tolist()
+    if window is not None:  # static: a window alone traces as one graph (torch.compile)
+        first_keys = [max(key, tile * QUERY_TILE - window + 1) for tile, key in enumerate(first_keys)]
     tiles = []
     for tile, key_begin in enumerate(first_keys):
         end = min((tile + 1) * QUERY_TILE, length)
         queries, keys = slice(tile * QUERY_TILE, end), slice(key_begin, end)
-        tiles.append(F.scaled_dot_product_attention(q[:, :, queries], k[:, :, keys], v[:, :, keys],
-                                                    attn_mask=attention_mask(starts, queries, keys)))
+        mask = attention_mask(starts, queries, keys, window, length, q.device)
+        tiles.append(F.scaled_dot_product_attention(q[:, :, queries], k[:, :, keys], v[:, :, keys], attn_mask=mask))
     return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=2)

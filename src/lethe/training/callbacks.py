@@ -101,14 +101,21 @@ class ThroughputMonitor(L.Callback):
         self._window_start = None
         self._elapsed_before = 0.0
         self._run_start = None
+        # this segment's training steps alone (no validation, no checkpointing): the run's throughput
+        self._segment_tokens, self._step_seconds, self._step_start = 0, 0.0, None
 
     def on_train_start(self, trainer, pl_module):
         self._run_start = self._window_start = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._step_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         tokens = batch["input_ids"].numel() * trainer.world_size
         self.tokens_seen += tokens
         self._window_tokens += tokens
+        self._segment_tokens += tokens
+        self._step_seconds += time.perf_counter() - self._step_start
         step_done = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         if not (step_done and trainer._logger_connector.should_update_logs):  # log_every_n_steps cadence
             return
@@ -124,7 +131,8 @@ class ThroughputMonitor(L.Callback):
         self._window_tokens, self._window_start = 0, time.perf_counter()
 
     def on_train_end(self, trainer, pl_module):
-        self.summary = {"tokens_seen": self.tokens_seen, "train_time_s": round(self.elapsed(), 2)}
+        self.summary = {"tokens_seen": self.tokens_seen, "train_time_s": round(self.elapsed(), 2),
+                        "train_tokens_per_s": round(self._segment_tokens / self._step_seconds) if self._step_seconds else None}
 
     def elapsed(self) -> float:
         now = time.perf_counter()

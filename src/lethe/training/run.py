@@ -164,6 +164,8 @@ def train(cfg: DictConfig) -> dict:
 
     if trainer.is_global_zero:
         log.info("model %s: %s parameters", cfg.run_name, f"{model.num_params():,}")
+        for line in model.describe_layers():
+            log.info("  %s", line)
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     checkpoints = _checkpoint_paths(trainer)  # before validate/test restore an older callback state
     stop = next((c.signal for c in callbacks if isinstance(c, CleanStop) and c.signal), None)
@@ -189,6 +191,8 @@ def train(cfg: DictConfig) -> dict:
         # wall time is this segment's, from start-up to the summary
         "tokens_seen": throughput.summary.get("tokens_seen") if throughput else None,
         "train_time_s": throughput.summary.get("train_time_s") if throughput else None,
+        # training steps alone (no validation or checkpoints), this segment's
+        "train_tokens_per_s": throughput.summary.get("train_tokens_per_s") if throughput else None,
         "wall_time_s": round(time.perf_counter() - started, 2),
         "segments": previous.get("segments", 1) + 1 if previous else 1,
         "corpus_fingerprint": datamodule.fingerprint,
