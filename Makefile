@@ -28,11 +28,11 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 	@echo "  pass Hydra overrides with ARGS=\"model=transformer-tiny optim.lr=1e-3\""
 
-install: $(STAMP) ## create .venv and install lethe with its dev and bench extras (quick when nothing changed)
+install: $(STAMP) ## create .venv and install lethe with its dev, bench and eval extras (quick when nothing changed)
 
 $(STAMP): pyproject.toml
 	@test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[dev,bench]"
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[dev,bench,eval]"
 	@$(PYTHON) -c "import matplotlib.font_manager"  # matplotlib's one-time font cache, here rather than mid-run
 	@touch $(STAMP)
 

@@ -4,6 +4,7 @@
     python eval.py ckpt=logs/compare/<time>                    # every run below a directory
     python eval.py 'ckpt=[a.ckpt,b.ckpt]' lengths='[1,4,16]' max_tokens=65536
     python eval.py ckpt=imported.ckpt data=local data.source.path='corpus/*.txt' seq_len=1024
+    python eval.py ckpt=<run> tasks=paper limit=500              # + zero-shot tasks (lm-evaluation-harness)
     python eval.py sweep=logs/sweep/multiruns/<time>           # one table + plots of a sweep
 
 Writes a markdown table to stdout and JSON, CSV and PNG plots to the eval directory
@@ -26,7 +27,7 @@ os.environ.setdefault("LETHE_ROOT", str(ROOT))
 def report_checkpoints(cfg: DictConfig, out_dir: Path) -> tuple[list[Path], int]:
     """Score every checkpoint; returns the files written and how many checkpoints failed."""
     from lethe.evaluation import evaluate_checkpoints
-    from lethe.plots import plot_lengths, plot_val_curves
+    from lethe.plots import plot_lengths, plot_tasks, plot_val_curves
     from lethe.report import CHECKPOINT_COLUMN, EVAL_FAILED_COLUMNS, eval_columns, label_checkpoints, markdown, write_tables
     from lethe.training.resume import run_dir_of
 
@@ -38,11 +39,12 @@ def report_checkpoints(cfg: DictConfig, out_dir: Path) -> tuple[list[Path], int]
         print(markdown(rows, columns))
         if not cfg.get("data"):
             for r in rows:
-                if not r["fingerprint_matches_run"]:
+                if r["fingerprint_matches_run"] is False:
                     print(f"warning: {r['label']}: the data's fingerprint differs from the one it was trained on", file=sys.stderr)
         # eval.json: the scored rows, then the checkpoints that failed with their errors
         written = write_tables(rows, [*columns, CHECKPOINT_COLUMN], out_dir, "eval", json_rows=rows + failed)
         written.append(plot_lengths(rows, out_dir / "ppl_vs_length.png"))
+        written.append(plot_tasks(rows, out_dir / "tasks.png"))
         runs = {r["label"]: run_dir_of(r["ckpt"]) for r in rows}
         written.append(plot_val_curves({k: v for k, v in runs.items() if v}, out_dir / "val_curves.png"))
     else:

@@ -110,7 +110,8 @@ class CheckpointEvaluator:
         if setting is not None and cross_document_setting(self.data) is not None:
             self.data = {**self.data, "cross_document": setting}
         self.seq_len = cfg.seq_len or run.get("seq_len")
-        if self.data is None or self.seq_len is None:
+        scores_data = bool(cfg.splits or cfg.lengths)  # tasks= alone needs neither data nor seq_len
+        if scores_data and (self.data is None or self.seq_len is None):
             missing = " and ".join(k for k, v in (("data", self.data), ("seq_len", self.seq_len)) if v is None)
             raise ConfigError(f"checkpoint {path} has no training run to take the {missing} from; name them, "
                               "e.g. data=local data.source.path='corpus/*.txt' seq_len=1024")
@@ -136,11 +137,11 @@ class CheckpointEvaluator:
         for split in [*cfg.splits, cfg.length_split]:
             if split not in ("train", "val", "test"):
                 raise ConfigError(f"split {split!r} in splits/length_split; choose train, val or test")
-        lengths = sorted({max(1, round(f * self.seq_len)) for f in cfg.lengths or []})
+        lengths = sorted({max(1, round(f * self.seq_len)) for f in cfg.lengths or []}) if self.seq_len else []
         max_seq_len = getattr(self.model, "max_seq_len", None)
         if max_seq_len is not None and cfg.past_max_seq_len:
             self.model.max_seq_len = None  # RoPE has no learned positions: the bound guards, it does not limit
-        elif max_seq_len is not None:
+        elif max_seq_len is not None and self.seq_len:
             self.model.check_length(self.seq_len, "seq_len", "lower seq_len, or score it anyway with past_max_seq_len=true")
             if past := [n for n in lengths if n > max_seq_len]:
                 print(f"warning: {self.run_name}: lengths {', '.join(map(str, past))} exceed its model.max_seq_len={max_seq_len} "
@@ -152,7 +153,7 @@ class CheckpointEvaluator:
                    "tokens_trained": self.run_metrics().get("tokens_seen"),
                    "train_tokens_per_s": self.run_metrics().get("train_tokens_per_s"),
                    # what decoding one sequence of the training length holds: SSM states, KV caches
-                   "state_mb": decoding_state_bytes(self.model, self.seq_len) / 2**20}
+                   "state_mb": decoding_state_bytes(self.model, self.seq_len) / 2**20 if self.seq_len else None}
         with tempfile.TemporaryDirectory() as tokenizer_dir:
             # the checkpoint's own tokenizer, from its files: eval never re-trains or downloads one
             self.tokenizer.save_pretrained(tokenizer_dir)
@@ -165,8 +166,23 @@ class CheckpointEvaluator:
                 results["lengths"].append({"length": length, **scores})
         results["corpus_fingerprint"] = self.fingerprint
         results["synthetic"] = str(self.fingerprint).startswith("synthetic")
-        results["fingerprint_matches_run"] = self.fingerprint == self.meta.get("corpus_fingerprint")
+        scored = self.fingerprint is not None
+        results["fingerprint_matches_run"] = self.fingerprint == self.meta.get("corpus_fingerprint") if scored else None
+        if cfg.get("tasks"):
+            results["tasks"] = self.score_tasks()
         return results
+
+    def score_tasks(self) -> dict:
+        """Zero-shot tasks through lm-evaluation-harness (lethe.harness), on the model in memory."""
+        try:
+            from lethe.harness import LetheLM, run_tasks
+        except ImportError as exc:
+            raise LetheError(f"tasks= needs lm-evaluation-harness ({first_line(exc)}): pip install -e '.[eval]' "
+                             "(make install includes it)") from None
+        harness = self.cfg.harness
+        lm = LetheLM(loaded=(self.model, self.tokenizer), batch_size=harness.batch_size, max_length=harness.max_length)
+        tasks = self.cfg.tasks
+        return run_tasks(lm, tasks if isinstance(tasks, str) else list(tasks), self.cfg.limit, harness.include_path)
 
     def tokenizer_name(self) -> str:
         """Which tokenizer, in a few characters: the config's builder (or an imported one) and its size."""

@@ -118,13 +118,15 @@ def generate(
     stop_token: int | None = None,
     on_token: Callable[[int, int], None] | None = None,
     cuda_graph: bool = False,
+    stop_when: Callable[[int, list[int]], bool] | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids, at least one) by up to max_new_tokens tokens.
 
     Returns the new tokens of each prompt; a row stops early after emitting `stop_token`
-    (included). `on_token(row, token)` is called for every new token as it is sampled, for
-    streaming. The same seed gives the same tokens. `cuda_graph` replays each step as a CUDA
-    graph (Mamba on a CUDA device).
+    (included), or once `stop_when(row, its new tokens)` is true (e.g. a stop string decoded).
+    `on_token(row, token)` is called for every new token as it is sampled, for streaming. The
+    same seed gives the same tokens. `cuda_graph` replays each step as a CUDA graph (Mamba on a
+    CUDA device).
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     if not prompts or min(len(p) for p in prompts) < 1:
@@ -158,7 +160,8 @@ def generate(
                 new_tokens[row].append(sampled[row])
                 if on_token is not None:
                     on_token(row, sampled[row])
-                done[row] = len(new_tokens[row]) == max_new_tokens or sampled[row] == stop_token
+                done[row] = (len(new_tokens[row]) == max_new_tokens or sampled[row] == stop_token
+                             or (stop_when is not None and stop_when(row, new_tokens[row])))
         if all(done):
             return new_tokens
         logits = step(torch.tensor(fed, device=device))

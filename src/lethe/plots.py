@@ -43,6 +43,28 @@ def plot_lengths(rows: list[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_tasks(rows: list[dict], path: Path) -> Path | None:
+    """Zero-shot task scores (accuracies) side by side: a group of bars per task metric, one bar
+    per checkpoint, with the harness's standard errors."""
+    from lethe.report import task_metrics
+
+    pairs = [(t, m) for t, m in task_metrics(rows) if m.startswith("acc")]
+    if not pairs:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(pairs) + 2), 4.5))
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        scores = [(r.get("tasks") or {}).get(t, {}) for t, _ in pairs]
+        ax.bar([k + i * width for k in range(len(pairs))], [s.get(m, 0) for s, (_, m) in zip(scores, pairs)], width,
+               yerr=[s.get(f"{m}_stderr", 0) for s, (_, m) in zip(scores, pairs)], capsize=2,
+               label=f"{r.get('label', r['run'])} ({r['model']})")
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(pairs))], [f"{t}\n{m}" for t, m in pairs], fontsize=8)
+    ax.set_ylabel("accuracy")
+    ax.set_title("zero-shot tasks (lm-evaluation-harness)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def read_val_curve(run_dir: Path) -> list[tuple[int, float]]:
     """(step, val loss) from a run's csv/metrics.csv; [] when the run logged no CSV."""
     path = Path(run_dir) / "csv" / "metrics.csv"

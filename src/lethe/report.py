@@ -154,7 +154,18 @@ def eval_columns(rows: list[dict]) -> list:
     for length in sorted({e["length"] for r in rows for e in r["lengths"]}):
         columns.append((f"{per_length}@{length}",
                         lambda r, n=length: next((e[per_length] for e in r["lengths"] if e["length"] == n), None), ".3f"))
+    for task, metric in task_metrics(rows):  # zero-shot tasks (eval.py tasks=...): each metric and its stderr
+        for key in (metric, f"{metric}_stderr"):
+            columns.append((f"{task} {key.replace('_stderr', ' ±')}",
+                            lambda r, t=task, k=key: (r.get("tasks") or {}).get(t, {}).get(k), ".4f"))
     return columns
+
+
+def task_metrics(rows: list[dict]) -> list[tuple[str, str]]:
+    """(task, metric) pairs the rows' harness results hold, stderrs aside, in a stable order."""
+    pairs = {(task, metric) for r in rows for task, metrics in (r.get("tasks") or {}).items() for metric in metrics
+             if not metric.endswith("_stderr")}
+    return sorted(pairs)
 
 
 CHECKPOINT_COLUMN = ("checkpoint", lambda r: r["ckpt"], str)  # in the CSV: the terminal table stays narrow
