@@ -98,11 +98,12 @@ class LetheLM(TemplateLM):
             ids = torch.full((len(batch), width), self.eot_token_id, dtype=torch.long)
             for r, tokens in enumerate(inputs):
                 ids[r, :len(tokens)] = torch.tensor(tokens)
-            logprobs = F.log_softmax(self.model(ids.to(self._device))[..., : self.model.vocab_size], dim=-1).cpu()
+            logits = self.model(ids.to(self._device))
             for r, i in enumerate(batch):
                 tokens, n = rows[i]
                 targets = torch.tensor(tokens[-n:])
-                scored = logprobs[r, len(tokens) - 1 - n: len(tokens) - 1]
+                # only the scored positions through log-softmax: (batch, length, vocab) twice would not fit at 50k vocab
+                scored = F.log_softmax(logits[r, len(tokens) - 1 - n: len(tokens) - 1, : self.model.vocab_size], dim=-1).cpu()
                 greedy = bool((scored.argmax(-1) == targets).all())
                 results[i] = (float(scored.gather(-1, targets[:, None]).sum()), greedy)
         return results
