@@ -86,7 +86,7 @@ ZOO_STEPS ?= 300
 zoo: install ## mamba-tiny, mamba2-tiny, hybrid-tiny, transformer-tiny: same data and tokens, then one eval.py table + plots
 	$(PYTHON) train.py -m model=$(ZOO_MODELS) trainer.max_steps=$(ZOO_STEPS) test_after_training=false task_name=zoo \
 	  hydra.sweep.dir=$(EXP_DIR) $(ARGS) $(AND_THEN) \
-	$(PYTHON) eval.py ckpt=$(EXP_DIR) max_tokens=131072 out_dir=$(EXP_DIR)/eval $(REPORT_STATUS)
+	$(PYTHON) eval.py ckpt=$(EXP_DIR) max_tokens=65536 out_dir=$(EXP_DIR)/eval $(REPORT_STATUS)
 
 sweep: install ## a learning-rate sweep over both tiny models (Hydra multirun), then its report
 	$(PYTHON) train.py -m optim.lr=1e-3,3e-3 model=mamba-tiny,transformer-tiny task_name=sweep hydra.sweep.dir=$(EXP_DIR) $(ARGS) $(AND_THEN) \
@@ -120,7 +120,7 @@ synthetic: install ## the synthetic suite over Mamba, Mamba-2, hybrid, Transform
 	  $(PYTHON) train.py experiment=selective-copying $$overrides hydra.run.dir=$(EXP_DIR)/selective-copying/$$name $(ARGS); \
 	  $(PYTHON) train.py experiment=induction-heads $$overrides hydra.run.dir=$(EXP_DIR)/induction/$$name $(ARGS); \
 	done
-	$(PYTHON) eval.py ckpt=$(EXP_DIR)/mqar out_dir=$(EXP_DIR)/mqar/eval
+	$(PYTHON) eval.py ckpt=$(EXP_DIR)/mqar 'lengths=[1]' out_dir=$(EXP_DIR)/mqar/eval
 	$(PYTHON) eval.py ckpt=$(EXP_DIR)/selective-copying out_dir=$(EXP_DIR)/selective-copying/eval
 	$(PYTHON) eval.py ckpt=$(EXP_DIR)/induction 'lengths=[1,2,8,32,128]' max_tokens=131072 out_dir=$(EXP_DIR)/induction/eval
 
