@@ -147,11 +147,12 @@ class CheckpointEvaluator:
                 print(f"warning: {self.run_name}: lengths {', '.join(map(str, past))} exceed its model.max_seq_len={max_seq_len} "
                       "and are not scored; past_max_seq_len=true scores them (RoPE extrapolates, untrained)", file=sys.stderr)
                 lengths = [n for n in lengths if n <= max_seq_len]
+        run_metrics = self.run_metrics()
         results = {"run": self.run_name, "ckpt": str(self.path), "model": self.meta["model_target"].rsplit(".", 1)[-1],
                    "tokenizer": self.tokenizer_name(), "params": self.meta["num_params"], "train_seq_len": self.seq_len,
                    "cross_document": cross_document_setting(self.data),
-                   "tokens_trained": self.run_metrics().get("tokens_seen"),
-                   "train_tokens_per_s": self.run_metrics().get("train_tokens_per_s"),
+                   "tokens_trained": run_metrics.get("tokens_seen"),
+                   "train_tokens_per_s": run_metrics.get("train_tokens_per_s"),
                    # what decoding one sequence of the training length holds: SSM states, KV caches
                    "state_mb": decoding_state_bytes(self.model, self.seq_len) / 2**20 if self.seq_len else None}
         with tempfile.TemporaryDirectory() as tokenizer_dir:
@@ -181,8 +182,7 @@ class CheckpointEvaluator:
                              "(make install includes it)") from None
         harness = self.cfg.harness
         lm = LetheLM(loaded=(self.model, self.tokenizer), batch_size=harness.batch_size, max_length=harness.max_length)
-        tasks = self.cfg.tasks
-        return run_tasks(lm, tasks if isinstance(tasks, str) else list(tasks), self.cfg.limit, harness.include_path)
+        return run_tasks(lm, self.cfg.tasks, self.cfg.limit, harness.include_path)
 
     def tokenizer_name(self) -> str:
         """Which tokenizer, in a few characters: the config's builder (or an imported one) and its size."""

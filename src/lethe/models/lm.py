@@ -41,7 +41,8 @@ def layer_keys(layer_cls) -> list[str]:
 
 def layer_settings(layer_cls, config: dict) -> dict:
     """The entries of a model's config that a layer class takes."""
-    return {k: v for k, v in config.items() if k in layer_keys(layer_cls)}
+    keys = layer_keys(layer_cls)
+    return {k: v for k, v in config.items() if k in keys}
 
 
 def layer_args(layer_cls, settings: dict) -> dict:
