@@ -1,14 +1,16 @@
 """Lethe checkpoints in lm-evaluation-harness (lethe.harness), with no network: the harness model's
 log-likelihoods against a direct forward pass, rolling log-likelihoods against eval.py's summed
 NLL, batch sizes, left truncation, stop sequences; local tasks (a 4-choice task and a rolling one,
-written here) through eval.py tasks=... and python -m lethe.harness; an exported Mamba scored by
+written here) through eval.py tasks=... and lm_eval's own CLI; an exported Mamba scored by
 the harness's own `hf` model gives the same accuracy as `lethe` on the original checkpoint."""
 
 import json
 import math
+import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,7 +221,8 @@ def test_the_harness_command_line_and_hf_export_agree(random_ckpt, tasks_dir, tm
     from lethe.interop.hf import export_checkpoint
 
     out = tmp_path / "lethe"
-    command = [sys.executable, "-m", "lethe.harness", "--model", "lethe", "--model_args", f"ckpt={random_ckpt}", "--batch_size", "16",
+    command = [str(Path(sys.executable).parent / "lm_eval"), "--model", "lethe", "--model_args", f"ckpt={random_ckpt}",
+               "--batch_size", "16",
                "--tasks", "lethe_mc", "--include_path", str(tasks_dir), "--limit", "100", "--output_path", str(out)]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -230,3 +233,31 @@ def test_the_harness_command_line_and_hf_export_agree(random_ckpt, tasks_dir, tm
                                  limit=100, task_manager=lm_eval.tasks.TaskManager(include_path=str(tasks_dir)), log_samples=False)
     assert hf["results"]["lethe_mc"]["acc,none"] == pytest.approx(lethe_acc, abs=1e-9)
     assert math.isfinite(lethe_acc)
+
+
+def test_lm_eval_finds_lethe_lazily_beside_its_own_models():
+    """The installed start-up hook (lethe-lm-eval.pth -> lethe.lm_eval_plugin), in a fresh
+    interpreter: "lethe" is registered once lm_eval's models are, without importing lethe.harness
+    (or torch) until a run asks for it, and the harness's own models are all still there."""
+    probe = ("import sys, lm_eval.models; from lm_eval.api.registry import get_model, model_registry; "
+             "print('lethe.harness' in sys.modules, 'torch' in sys.modules, model_registry._objs['lethe']); "
+             "print(get_model('lethe').__module__, get_model('hf').__name__, 'lethe.harness' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:2] == ["False False lethe.harness:LetheLM", "lethe.harness HFLM True"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ckpt, expected", [("missing", "error: checkpoint {missing} does not exist"),
+                                            ("random", "error: a task needs its dataset from the Hugging Face hub")])
+def test_lm_eval_cli_errors_are_one_line(ckpt, expected, random_ckpt, tmp_path):
+    """A Lethe error (a missing checkpoint) and no network (lambada_openai's data) under lm_eval's
+    own CLI end in one `error:` line, not a traceback."""
+    missing = tmp_path / "missing.ckpt"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # fails at once instead of retrying the network
+    proc = subprocess.run([str(Path(sys.executable).parent / "lm_eval"), "--model", "lethe", "--model_args",
+                           f"ckpt={missing if ckpt == 'missing' else random_ckpt}", "--tasks", "lambada_openai"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.rstrip().splitlines()[-1].startswith(expected.format(missing=missing)), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

@@ -1,7 +1,7 @@
 """Lethe checkpoints in EleutherAI's lm-evaluation-harness (zero-shot tasks: LAMBADA, HellaSwag,
 PIQA, ARC, WinoGrande, ...): `LetheLM`, registered with the harness as "lethe".
 
-    python -m lethe.harness --model lethe --model_args ckpt=<run>/checkpoints/best.ckpt --tasks hellaswag
+    lm_eval --model lethe --model_args ckpt=<run>/checkpoints/best.ckpt --tasks hellaswag
     python eval.py ckpt=<run or sweep dir> tasks=paper          # the Mamba paper's six tasks + LAMBADA ppl
 
 Every Lethe model (Mamba, Mamba-2, hybrids, Transformer++) scores with its checkpoint's own
@@ -16,6 +16,10 @@ tokenizer, without an export step:
 - generate_until: Lethe's recurrent decoding (lethe.generation), greedy, stopping at the
   request's stop sequences or its max_gen_toks.
 A context longer than max_length is cut from the left; how many were cut is counted and warned.
+
+lm_eval's own CLI finds "lethe" through the start-up hook the package installs
+(lethe.lm_eval_plugin); `python -m lethe.harness` is the same CLI for a checkout used without
+installing.
 """
 
 import sys
@@ -29,6 +33,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
+from lethe.cli import error_message, print_error, user_errors
 from lethe.errors import ConfigError, LetheError, first_line, require_int
 from lethe.generation import generate
 from lethe.training.checkpoint import load_trained_model
@@ -61,6 +66,17 @@ class LetheLM(TemplateLM):
         require_int("max_length", self.max_length, 2)
         self.max_gen_toks = int(max_gen_toks)
         self.truncated = 0  # contexts cut from the left to fit max_length
+
+    # how lm_eval's CLI and simple_evaluate(model="lethe") build the model: its errors then end that run
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        sys.excepthook = _one_line_errors
+        return super().create_from_arg_string(arg_string, additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        sys.excepthook = _one_line_errors
+        return super().create_from_arg_obj(arg_dict, additional_config)
 
     # ---- what TemplateLM needs -----------------------------------------------------------
     @property
@@ -160,6 +176,24 @@ class LetheLM(TemplateLM):
             self.truncated = 0
 
 
+def hub_unreachable(what: str, exc: BaseException) -> str:
+    return (f"{what} needs its dataset from the Hugging Face hub, which cannot be reached here ({first_line(exc)}); "
+            "run where it can (the data is then cached in HF_DATASETS_CACHE), copy that cache here, "
+            "or score a local task (a directory of task YAMLs: eval.py include_path=DIR, lm_eval --include_path DIR)")
+
+
+def _one_line_errors(kind, exc, traceback, shown_by_python=sys.excepthook):
+    """For lm_eval's CLI, whose errors are not ours to catch: an uncaught Lethe user error, or the
+    hub out of reach, is one line instead of a traceback from deep inside datasets."""
+    message = error_message(exc)
+    if message is None and isinstance(exc, ConnectionError) and "on the Hub" in str(exc):
+        message = hub_unreachable("a task", exc)
+    if message is None:
+        shown_by_python(kind, exc, traceback)
+    else:
+        print_error(message)
+
+
 def task_names(tasks) -> list[str]:
     """A preset name (`paper`), a comma-separated string or a list, as a list of task names."""
     if isinstance(tasks, str):
@@ -193,9 +227,7 @@ def run_tasks(lm: LetheLM, tasks, limit: int | float | None = None, include_path
         except FileNotFoundError as exc:
             raise LetheError(f"task {name}: a data file is missing ({first_line(exc)})") from None
         except OSError as exc:  # datasets' ConnectionError when the hub cannot be reached
-            raise LetheError(f"task {name} needs its dataset from the Hugging Face hub, which cannot be reached here "
-                             f"({first_line(exc)}); run where it can (the data is then cached in HF_DATASETS_CACHE), "
-                             "copy that cache here, or score a local task (include_path=<dir of task YAMLs>)") from None
+            raise LetheError(hub_unreachable(f"task {name}", exc)) from None
     output = simple_evaluate(model=lm, tasks=loaded, limit=limit, task_manager=manager, log_samples=False)
     scores = {}
     for task, results in output["results"].items():
@@ -211,10 +243,8 @@ def main() -> None:
     """lm_eval's own command line, with Lethe's model registered: `--model lethe --model_args ckpt=...`."""
     from lm_eval.__main__ import cli_evaluate
 
-    try:
+    with user_errors():
         cli_evaluate()
-    except ConfigError as exc:
-        sys.exit(f"error: {exc}")
 
 
 if __name__ == "__main__":
