@@ -27,14 +27,16 @@ def main(cfg: DictConfig) -> float | None:
 
     from lethe import cli
     from lethe.errors import ConfigError
+    from lethe.training.cluster import is_first_process, ranks_started_outside_lightning
     from lethe.training.resume import fold_hydra_dir, remove_if_unstarted
     from lethe.training.run import record_failure, train
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        if multirun and cfg.trainer.devices not in (1, "1"):
-            # Lightning starts DDP ranks by re-running sys.argv, which cannot nest inside a sweep.
+        if multirun and cfg.trainer.devices not in (1, "1") and not ranks_started_outside_lightning():
+            # Lightning starts DDP ranks by re-running sys.argv, which cannot nest inside a sweep
+            # (ranks srun started, as in hydra/launcher=slurm with tasks per node, are fine).
             raise ConfigError(f"trainer.devices={cfg.trainer.devices} inside a multirun (-m); run each sweep job on one device")
         metrics = train(cfg)
     except BaseException as exc:
@@ -48,7 +50,8 @@ def main(cfg: DictConfig) -> float | None:
         remove_if_unstarted(hydra_dir)  # a run refused before it started leaves no directory behind
         sys.exit(cli.EXIT_USER_ERROR)
     finally:
-        fold_hydra_dir(hydra_dir, Path(cfg.paths.output_dir))  # a resumed run continued in its own directory
+        if is_first_process():  # once: every rank has the same hydra dir (checked in training)
+            fold_hydra_dir(hydra_dir, Path(cfg.paths.output_dir))  # a resumed run continued in its own directory
     if metrics.get("interrupted"):  # a clean stop: the shell's 128 + signal number
         sys.exit(128 + signal.Signals[metrics["interrupted"]].value)
     val_loss = metrics.get("val_loss")

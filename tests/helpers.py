@@ -76,14 +76,15 @@ CPU_SSD_IMPLS = tuple(impl for impl in SSD_IMPL_CHOICES if impl != "cuda")
 FLOAT64_SSD_IMPLS = ("auto", "reference", "chunked")
 
 
-def run_script(script, *args, cwd=ROOT, env_extra=None, check=True, timeout=600):
+def run_script(script, *args, cwd=ROOT, env_extra=None, check=True, timeout=600, launcher=()):
     """Run one of the repository's scripts (train.py, eval.py, ...) offline in a fresh interpreter.
-    env_extra adds variables; one whose value is None is removed from the script's environment."""
+    env_extra adds variables; one whose value is None is removed from the script's environment.
+    launcher: interpreter arguments before the script (`-m torch.distributed.run ...`: torchrun starts it)."""
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     env.update(env_extra or {})
     env = {k: v for k, v in env.items() if v is not None}
-    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
+    proc = subprocess.run([sys.executable, *launcher, str(ROOT / script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

@@ -8,7 +8,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import OmegaConf
 
 from helpers import CONF, assert_one_line, family_params, model_config, options, write_corpus
-from lethe.config import instantiate, validate
+from lethe.config import check_devices, instantiate, validate
 from lethe.data import LMDataModule
 from lethe.data.sources import open_corpus
 from lethe.data.synthetic import SyntheticDataModule
@@ -97,7 +97,10 @@ def test_every_trainer_option_builds_the_trainer_it_names(trainer, compose_train
         return
     built = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
     assert built.max_steps == cfg.trainer.max_steps and built.num_devices == cfg.trainer.devices
-    assert type(built.strategy).__name__ == ("DDPStrategy" if cfg.trainer.get("strategy") == "ddp" else "SingleDeviceStrategy")
+    strategy = cfg.trainer.get("strategy")
+    expected = (strategy._target_.rsplit(".", 1)[-1] if OmegaConf.is_dict(strategy)  # trainer=fsdp-cpu: lethe's FSDPStrategy
+                else "DDPStrategy" if strategy == "ddp" else "SingleDeviceStrategy")
+    assert type(built.strategy).__name__ == expected
 
 
 def test_every_tokenizer_option_builds_a_tokenizer_or_says_why_not(tmp_path):
@@ -136,3 +139,13 @@ def test_a_setting_the_target_does_not_take_is_named_in_one_line(override, named
             instantiate(node)
         build_model(cfg, BYTE_VOCAB)
     assert_one_line(error, named, "its settings:", "remove it or correct its name")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+@pytest.mark.parametrize("trainer", ["gpu", "fsdp"])
+def test_gpu_trainers_are_refused_in_one_line_without_a_gpu(trainer, compose_train):
+    cfg = compose_train(f"trainer={trainer}")
+    validate(cfg)  # a GPU preset is a valid config anywhere
+    with pytest.raises(ConfigError) as info:
+        check_devices(cfg)
+    assert_one_line(info, "trainer.accelerator=gpu but this machine has no CUDA GPU", "trainer=fsdp-cpu")

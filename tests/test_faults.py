@@ -1,7 +1,8 @@
 """Faults, end to end through the scripts: nothing is lost and every bad input is one line.
 
 Clean stops (Ctrl-C, SIGTERM, SIGUSR1) write last.ckpt and metrics.json and print the command
-that resumes, which continues the same loss curve in the same directory; last.ckpt follows every
+that resumes, which continues the same loss curve in the same directory; in a SLURM job the
+time-limit warning also requeues the job, whose restart resumes by itself; last.ckpt follows every
 validation even when the loss does not improve; resuming refuses changed settings; eval.py goes
 on past a bad checkpoint; sweeps with failed jobs exit non-zero; refused runs leave no directory.
 """
@@ -37,9 +38,10 @@ def one_error_line(proc, *needles):
     return lines[0]
 
 
-def start_training(run_dir, data_dir, *overrides):
+def start_training(run_dir, data_dir, *overrides, env_extra=None):
     """train.py in the background, its output unbuffered into run_dir.parent / 'out.txt'."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           **(env_extra or {})}
     out = open(run_dir.parent / f"{run_dir.name}.out", "w+")
     args = [sys.executable, str(ROOT / "train.py"), *SMOKE, f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", *overrides]
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True), out
@@ -119,6 +121,45 @@ def test_ctrl_c_stops_cleanly_and_the_printed_command_resumes_exactly(tmp_path, 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert (metrics["steps"], metrics["tokens_seen"], metrics["segments"], metrics["interrupted"]) == (40, 40 * 4 * 64, 2, None)
     assert not [p for p in tmp_path.iterdir() if p.is_dir() and p.name not in ("run", "whole")]  # no second run directory
+
+
+def slurm_job(tmp_path, **extra) -> dict:
+    """The environment srun gives a one-task SLURM job 4242, with a fake scontrol that records its calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.calls'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "1",
+            "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+            "SLURM_NODELIST": "localhost", **extra}
+
+
+def test_a_slurm_time_limit_warning_requeues_the_job_and_its_restart_resumes_exactly(tmp_path, data_dir):
+    """SIGUSR2 (submitit's warning; USR1 with sbatch --signal) in a SLURM job: a clean stop, then
+    `scontrol requeue <job>` once (Lightning's own requeue stays off: no hpc_ckpt). SLURM restarts
+    the job with the same command: even where its run directory's name would differ (a start time),
+    the restart finds the requeued run and continues its loss curve exactly, in its directory."""
+    logs, first = tmp_path / "logs", tmp_path / "first"
+    proc, out = start_training(first, data_dir, *STOPPED, f"paths.log_dir={logs}", env_extra=slurm_job(tmp_path))
+    wait_for(out, "[step     20] val loss", proc)
+    proc.send_signal(signal.SIGUSR2)
+    text = finish(proc, out)
+    assert proc.returncode == 128 + signal.SIGUSR2, text[-3000:]
+    assert (tmp_path / "scontrol.calls").read_text() == "requeue 4242\n"
+    assert "requeued SLURM job 4242" in text and not list(first.rglob("hpc_ckpt*"))
+    (record,) = (logs / "slurm-jobs").glob("4242-*.run-dir")  # the job's run, keyed by the command's overrides
+    assert record.read_text().strip() == str(first.resolve())
+    stopped_at = step_of(first / "checkpoints" / "last.ckpt")
+
+    restart = train(tmp_path / "second", data_dir, *STOPPED, f"paths.log_dir={logs}",
+                    env_extra=slurm_job(tmp_path, SLURM_RESTART_COUNT="1"))
+    assert f"resuming from {(first / 'checkpoints' / 'last.ckpt').resolve()}" in restart.stdout + restart.stderr
+    train(tmp_path / "whole", data_dir, *STOPPED)
+    resumed, whole = train_losses(first), train_losses(tmp_path / "whole")
+    assert 20 <= stopped_at < 40 and sorted(resumed) == sorted(whole) == list(range(40))
+    assert all(resumed[s] == pytest.approx(whole[s], rel=1e-6, abs=1e-6) for s in whole)
+    assert json.loads((first / "metrics.json").read_text())["segments"] == 2 and not (tmp_path / "second").exists()
+    assert (tmp_path / "scontrol.calls").read_text() == "requeue 4242\n"  # the finished restart did not requeue again
 
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path, data_dir):

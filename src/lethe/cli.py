@@ -34,7 +34,10 @@ def print_error(message: str) -> None:
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
     sys.stdout.flush()
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    # one write, newline included: the ranks of a multi-process run share the terminal, and a line
+    # written in two pieces can be split by another rank's
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
 
 
 @contextmanager

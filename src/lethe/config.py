@@ -8,6 +8,7 @@ model's own one-line ConfigError instead of Hydra's wrapped traceback.
 
 import functools
 import inspect
+import os
 import re
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from lethe.errors import ConfigError, LetheError, require
+from lethe.errors import ConfigError, LetheError, is_int, require
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 _UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
@@ -82,6 +83,13 @@ def as_target_spec(spec: dict, legacy_kinds: dict, key: str) -> dict:
     return {"_target_": legacy_kinds[kind], **spec}
 
 
+def task_overrides() -> list[str]:
+    """The command line's overrides of this Hydra job (not Hydra's own), or [] outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def compose(config_name: str = "train", *overrides: str) -> DictConfig:
     """A config of conf/ composed as the scripts compose it (a model size with its family's base
     merged in, say), without Hydra's own node; no global Hydra state is left behind."""
@@ -113,6 +121,7 @@ _RANGE_CHECKS = {
     "scheduler.min_lr": (lambda v: v >= 0, "a number >= 0"),
     "trainer.max_steps": (lambda v: v >= 1, "an integer >= 1"),
     "trainer.accumulate_grad_batches": (lambda v: v >= 1, "an integer >= 1"),
+    "trainer.num_nodes": (lambda v: v >= 1, "an integer >= 1 (machines)"),
     "trainer.gradient_clip_val": (lambda v: v is None or v > 0, "a number > 0 or null"),
     # the training stream is endless, so validation is placed by batch count, never by epoch fraction
     "trainer.val_check_interval": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1 (training batches)"),
@@ -126,6 +135,33 @@ _RANGE_CHECKS = {
     "data.eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "data.num_workers": (lambda v: v >= 0, "an integer >= 0"),
 }
+
+
+def _check_torchrun_ranks(cfg: DictConfig) -> None:
+    """Under torchrun Lightning takes the ranks torchrun started (TorchElasticEnvironment), which
+    trainer.devices x trainer.num_nodes must count: otherwise each rank trains alone (trainer.devices=1
+    without DDP) or Lightning stops with a traceback."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return
+    world = int(os.environ["WORLD_SIZE"])
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    devices, nodes = OmegaConf.select(cfg, "trainer.devices"), OmegaConf.select(cfg, "trainer.num_nodes", default=1)
+    if is_int(devices) and is_int(nodes) and devices * nodes != world:
+        raise ConfigError(f"trainer.devices={devices} x trainer.num_nodes={nodes} is {devices * nodes} ranks, but torchrun "
+                          f"started {world} ({world // per_node} node(s) x {per_node}); set trainer.devices to --nproc_per_node "
+                          "and trainer.num_nodes to --nnodes (and trainer=ddp for more than one)")
+
+
+def check_devices(cfg: DictConfig) -> None:
+    """This machine has the devices the trainer asks for (validate() leaves that out: presets for
+    GPUs validate anywhere)."""
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="cpu"))
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU; train on the CPU "
+                              "with trainer=cpu (trainer=ddp for 2 processes, trainer=fsdp-cpu for FSDP)")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -157,11 +193,12 @@ def validate(cfg: DictConfig) -> None:
             f"trainer.max_steps={cfg.trainer.max_steps} x accumulate_grad_batches={accumulate} batches is not a multiple of "
             f"trainer.val_check_interval={interval}; choose them so the last step is validated and checkpointed"
         )
+    _check_torchrun_ranks(cfg)
     if cfg.get("ckpt_path") and cfg.get("init_from"):
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} and init_from={cfg.init_from} are exclusive: ckpt_path resumes a run, "
                           "init_from starts a new run from a checkpoint's weights; pass one")
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).exists():  # a file, or a directory of FSDP shards
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; point it at a .ckpt file such as <run>/checkpoints/last.ckpt")
-    if cfg.get("init_from") and not Path(cfg.init_from).is_file():
+    if cfg.get("init_from") and not Path(cfg.init_from).exists():
         raise ConfigError(f"init_from={cfg.init_from} does not exist; point it at a Lethe .ckpt file (trained, or written by "
                           "`python -m lethe.interop import`)")

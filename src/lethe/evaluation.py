@@ -38,13 +38,13 @@ from lethe.training.resume import run_dir_of
 
 def find_checkpoints(spec) -> list[Path]:
     """Checkpoint files from `ckpt=`: a file, a run or sweep directory (each run's best.ckpt, else
-    its last.ckpt), or a list of those."""
+    its last.ckpt), or a list of those. A sharded FSDP checkpoint is a directory named *.ckpt."""
     found = []
     for item in spec if isinstance(spec, (list, tuple)) or OmegaConf.is_list(spec) else [spec]:
         path = Path(str(item))
-        if path.is_dir():
+        if path.is_dir() and path.suffix != ".ckpt":
             runs = sorted({p.parent for p in path.rglob("*.ckpt")})
-            picked = [next((r / n for n in ("best.ckpt", "last.ckpt") if (r / n).is_file()), None) for r in runs]
+            picked = [next((r / n for n in ("best.ckpt", "last.ckpt") if (r / n).exists()), None) for r in runs]
             if not any(picked):
                 raise LetheError(f"ckpt={path} holds no best.ckpt or last.ckpt; point at a run, a sweep or a .ckpt file")
             found += [p for p in picked if p]

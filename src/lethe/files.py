@@ -77,3 +77,54 @@ def atomic_directory(path, marker: str):
             os.replace(file, path / file.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fsync_directory(path) -> None:
+    """Flush a directory's entries (the names renamed into it) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a, b) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the C
+    library or the file system cannot (then nothing happened)."""
+    import ctypes
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def replace_directory(new, path) -> None:
+    """Put the complete directory `new` (written beside `path`) at `path`, dropping whatever was
+    there (a directory or a file). A reader sees the old one or the new one, never a mix: the two
+    are swapped atomically where the file system can (Linux), else the old one is renamed aside
+    first and for that instant `path` does not exist (never a half-written directory)."""
+    new, path = Path(new), Path(path)
+    for root, _, files in os.walk(new):  # the contents reach the disk before the name does
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_directory(root)
+    if not os.path.lexists(path):
+        os.rename(new, path)
+    elif _exchange(new, path):
+        _remove(new)  # now the old one
+    else:
+        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+        os.rename(path, old / path.name)
+        os.rename(new, path)
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_directory(path.parent)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

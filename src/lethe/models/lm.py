@@ -90,6 +90,8 @@ class LanguageModel(nn.Module):
         self.lm_head = nn.Linear(d_model, self.padded_vocab_size, bias=False)
         self.lm_head.weight = self.embedding.weight  # tied
         self._init_weights()
+        # what num_params counts once FSDP has flattened the parameters into 1-d shards
+        self._built_counts = (self._count(self.parameters()), self.embedding.weight.numel())
 
     @staticmethod
     def validate_common(vocab_size, d_model, n_layer, norm_eps, pad_vocab_multiple):
@@ -150,10 +152,19 @@ class LanguageModel(nn.Module):
                 runs.append([index, index, text])
         return [f"{f'layer {a}' if a == b else f'layers {a}-{b}':<13}{text}" for a, b, text in runs]
 
+    @staticmethod
+    def _count(params) -> int:
+        return sum(p.numel() for p in params)  # parameters() yields tied ones once
+
     def num_params(self, exclude_embedding: bool = False) -> int:
-        """Parameters, tied embedding/head counted once; optionally without the embedding."""
-        total = sum(p.numel() for p in self.parameters())  # parameters() yields tied ones once
-        return total - self.embedding.weight.numel() if exclude_embedding else total
+        """Parameters, tied embedding/head counted once; optionally without the embedding. Under
+        FSDP (trainer=fsdp) each rank holds shards: the counts are then those the model was built with."""
+        params = list(self.parameters())
+        if any(getattr(p, "_fsdp_flattened", False) for p in params):
+            total, embedding = self._built_counts
+        else:
+            total, embedding = self._count(params), self.embedding.weight.numel()
+        return total - embedding if exclude_embedding else total
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay matrices (and the embedding); never decay biases, norm weights, or

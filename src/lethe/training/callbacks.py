@@ -1,6 +1,7 @@
 """Callbacks (the `callbacks` config group): checkpoints, clean stops, throughput and memory
 logging, and the validation line."""
 
+import logging
 import signal
 import time
 
@@ -10,8 +11,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from tqdm import tqdm
 
-# the signals that stop a run cleanly: Ctrl-C, a scheduler's stop, SLURM's warning before its time limit
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+from lethe.models.flops import peak_tflops, training_flops_per_token
+from lethe.training.cluster import REQUEUE_SIGNALS
+
+log = logging.getLogger(__name__)
+
+# the signals that stop a run cleanly: Ctrl-C, a scheduler's stop, SLURM's warning before its time
+# limit (USR1 with sbatch --signal=USR1@<s>, USR2 from submitit): on SLURM, those two also requeue
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *REQUEUE_SIGNALS)
 
 
 class BestAndLastCheckpoint(ModelCheckpoint):
@@ -38,12 +45,15 @@ class BestAndLastCheckpoint(ModelCheckpoint):
 
 
 class CleanStop(L.Callback):
-    """SIGINT, SIGTERM and SIGUSR1 finish the current optimizer step, write last.ckpt and end fit;
-    the run driver then writes metrics.json marked interrupted and prints the command that
-    resumes. A second Ctrl-C stops at once. Every rank stops at the same step (the flag is
-    all-reduced), so none waits forever in a collective the others left."""
+    """SIGINT, SIGTERM, SIGUSR1 and SIGUSR2 finish the current optimizer step, write last.ckpt and
+    end fit; the run driver then writes metrics.json marked interrupted and prints the command
+    that resumes, and in a SLURM job stopped by USR1/USR2 (the time-limit warning) requeues the
+    job when `requeue` is on (lethe.training.cluster). A second Ctrl-C stops at once. Every rank
+    stops at the same step (the flag is all-reduced), so none waits forever in a collective the
+    others left."""
 
-    def __init__(self):
+    def __init__(self, requeue: bool = True):
+        self.requeue = requeue
         self.signal: signal.Signals | None = None  # what stopped the run, once it stopped
         self._received: int | None = None
         self._previous = {}
@@ -88,51 +98,82 @@ class CleanStop(L.Callback):
 
 
 class ThroughputMonitor(L.Callback):
-    """Logs tokens/s, tokens seen, elapsed time and peak memory every optimizer step.
+    """Logs tokens/s, model TFLOP/s, MFU, tokens seen, elapsed time and peak memory every optimizer step.
 
     Tokens are counted from the batches themselves (all ranks), so the figures stay right under
     gradient accumulation, DDP and a resumed run (tokens seen continue from the checkpoint).
+    train/tflops is the whole job's: tokens/s x the model's training FLOPs per token at the
+    batches' length (lethe.models.flops, analytic). train/mfu divides it by the peak of all
+    devices: `peak_tflops` per device (dense bf16 TFLOP/s), or on CUDA the device's from
+    lethe.models.flops.PEAK_BF16_TFLOPS; without either no MFU is logged.
     """
 
-    def __init__(self):
+    def __init__(self, peak_tflops: float | None = None):
+        self.peak_tflops = peak_tflops
         self.summary = {}  # frozen at the end of fit: later validate/test restore older states
         self.tokens_seen = 0
-        self._window_tokens = 0
+        self._window_tokens = self._window_flops = 0
         self._window_start = None
         self._elapsed_before = 0.0
         self._run_start = None
         # this segment's training steps alone (no validation, no checkpointing): the run's throughput
-        self._segment_tokens, self._step_seconds, self._step_start = 0, 0.0, None
+        self._segment_tokens, self._segment_flops, self._step_seconds, self._step_start = 0, 0, 0.0, None
+        self._flops_per_token = {}  # by sequence length
+        self._job_peak_tflops = None  # all devices together
 
     def on_train_start(self, trainer, pl_module):
         self._run_start = self._window_start = time.perf_counter()
+        peak = self.peak_tflops
+        if peak is None and pl_module.device.type == "cuda":
+            name = torch.cuda.get_device_name(pl_module.device)
+            peak = peak_tflops(name)
+            if peak is None and trainer.is_global_zero:
+                log.warning("no train/mfu: the bf16 peak of %s is not known; set callbacks.throughput.peak_tflops "
+                            "(dense bf16 TFLOP/s per device)", name)
+        self._job_peak_tflops = peak * trainer.world_size if peak else None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._step_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         tokens = batch["input_ids"].numel() * trainer.world_size
+        flops = tokens * self._training_flops(pl_module, batch["input_ids"].shape[1])
         self.tokens_seen += tokens
         self._window_tokens += tokens
+        self._window_flops += flops
         self._segment_tokens += tokens
+        self._segment_flops += flops
         self._step_seconds += time.perf_counter() - self._step_start
         step_done = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         if not (step_done and trainer._logger_connector.should_update_logs):  # log_every_n_steps cadence
             return
         now = time.perf_counter()
-        pl_module.log("train/tokens_per_s", self._window_tokens / max(now - self._window_start, 1e-9), prog_bar=True)
+        seconds = max(now - self._window_start, 1e-9)
+        tflops = self._window_flops / seconds / 1e12
+        pl_module.log("train/tokens_per_s", self._window_tokens / seconds, prog_bar=True)
+        pl_module.log("train/tflops", tflops)
+        if self._job_peak_tflops:
+            pl_module.log("train/mfu", tflops / self._job_peak_tflops)
         pl_module.log("train/tokens_seen", float(self.tokens_seen))
         pl_module.log("train/elapsed_s", self.elapsed())
         pl_module.log("train/peak_mem_mb", peak_memory_mb(pl_module.device))
-        self._window_tokens, self._window_start = 0, now
+        self._window_tokens, self._window_flops, self._window_start = 0, 0, now
+
+    def _training_flops(self, pl_module, seq_len: int) -> float:
+        """Training FLOPs per token of the task's model at seq_len (computed once per length)."""
+        if seq_len not in self._flops_per_token:
+            self._flops_per_token[seq_len] = training_flops_per_token(pl_module.model, seq_len)
+        return self._flops_per_token[seq_len]
 
     def on_validation_end(self, trainer, pl_module):
         # validation time is not training throughput: start a fresh window
-        self._window_tokens, self._window_start = 0, time.perf_counter()
+        self._window_tokens, self._window_flops, self._window_start = 0, 0, time.perf_counter()
 
     def on_train_end(self, trainer, pl_module):
+        seconds = self._step_seconds
         self.summary = {"tokens_seen": self.tokens_seen, "train_time_s": round(self.elapsed(), 2),
-                        "train_tokens_per_s": round(self._segment_tokens / self._step_seconds) if self._step_seconds else None}
+                        "train_tokens_per_s": round(self._segment_tokens / seconds) if seconds else None,
+                        "train_tflops": float(f"{self._segment_flops / seconds / 1e12:.4g}") if seconds else None}
 
     def elapsed(self) -> float:
         now = time.perf_counter()

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lethe.errors import LetheError
+from lethe.errors import LetheError, first_line
 from lethe.files import atomic_path
 from lethe.models import model_target
 
@@ -32,14 +32,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def read_checkpoint(path) -> dict:
-    """Load a checkpoint dict, turning the usual failures into one-line errors."""
+    """Load a checkpoint dict, turning the usual failures into one-line errors. A directory is a
+    sharded FSDP checkpoint (trainer=fsdp trainer.strategy.state_dict_type=sharded): its shards
+    are consolidated into the dict a .ckpt file holds, model weights only (no optimizer state)."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        checkpoint = _read_sharded(path)
+    elif not path.is_file():
         raise LetheError(f"checkpoint {path} does not exist; pass the path of a .ckpt file (e.g. <run>/checkpoints/last.ckpt)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for a truncated or foreign file
-        raise LetheError(f"checkpoint {path} could not be read ({type(exc).__name__}); it is corrupt or not a Lethe checkpoint") from None
+    else:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # torch raises many types for a truncated or foreign file
+            raise LetheError(f"checkpoint {path} could not be read ({type(exc).__name__}); "
+                             "it is corrupt or not a Lethe checkpoint") from None
     meta = checkpoint.get("lethe") if isinstance(checkpoint, dict) else None
     if meta is None:
         raise LetheError(f"checkpoint {path} has no Lethe metadata; it was not written by lethe's train.py")
@@ -48,6 +54,35 @@ def read_checkpoint(path) -> dict:
             f"checkpoint {path} has format version {meta.get('format_version')}, this Lethe reads {FORMAT_VERSION}; "
             "evaluate it with the Lethe version that wrote it"
         )
+    return checkpoint
+
+
+SHARDED_FILES = ("meta.pt", ".metadata")  # Lightning's (all but the weights) and torch.distributed.checkpoint's index
+
+
+def _read_sharded(path: Path) -> dict:
+    """A sharded checkpoint directory as a checkpoint dict: meta.pt plus the model weights
+    gathered from every rank's shard, in this one process."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    missing = [name for name in SHARDED_FILES if not (path / name).is_file()]
+    if missing:
+        raise LetheError(f"checkpoint {path} is a directory without {' or '.join(missing)}; it is not a sharded "
+                         "checkpoint written by trainer=fsdp (pass a .ckpt file or a complete sharded checkpoint directory)")
+    try:
+        checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+        weights = {}
+        # what torch.distributed.checkpoint.format_utils.dcp_to_torch_save does, for the weights alone
+        _load_state_dict(weights, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(keys={"model"}),
+                         no_dist=True)
+    except Exception as exc:
+        raise LetheError(f"sharded checkpoint {path} could not be read ({type(exc).__name__}: {first_line(exc, 150)}); "
+                         "a shard is missing or corrupt") from None
+    if not isinstance(checkpoint, dict) or "model" not in weights:
+        raise LetheError(f"sharded checkpoint {path} holds no model weights; it is not a Lethe checkpoint")
+    checkpoint["state_dict"] = weights["model"]
     return checkpoint
 
 

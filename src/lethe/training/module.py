@@ -6,10 +6,12 @@ says how to train and score it.
 
 import lightning as L
 import torch
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from lethe.errors import LetheError
 from lethe.metrics import summed_nll
 from lethe.training.checkpoint import checkpoint_metadata
+from lethe.training.cluster import check_same_run_dir
 
 
 class NonFiniteLossError(LetheError):
@@ -32,6 +34,15 @@ class LanguageModelTask(L.LightningModule):
         self.corpus_fingerprint = corpus_fingerprint
         self.run_config = run_config
         self._eval_sums = {}
+        # AdamW's groups are chosen now, before a strategy wraps the model: FSDP turns every
+        # parameter into a 1-d shard, and param_groups tells matrices from vectors by ndim
+        weight_decay = optimizer.keywords.get("weight_decay", 0.0) if optimizer is not None else 0.0
+        self._param_groups = model.param_groups(weight_decay) if hasattr(model, "param_groups") else None
+
+    def setup(self, stage):
+        # on every rank, once Lightning has the process group up (torchrun's or srun's ranks, or its own)
+        if stage == "fit":
+            check_same_run_dir(self.trainer.default_root_dir)
 
     def training_step(self, batch, batch_idx):
         nll, tokens, _ = summed_nll(self.model, batch)
@@ -87,19 +98,36 @@ class LanguageModelTask(L.LightningModule):
 
     # ---- optimization ----------------------------------------------------------------------
     def configure_optimizers(self):
-        weight_decay = self.optimizer_factory.keywords.get("weight_decay", 0.0)
-        optimizer = self.optimizer_factory(params=self.model.param_groups(weight_decay))
+        optimizer = self.optimizer_factory(params=[dict(group) for group in self._param_groups])
         total_steps = self.trainer.max_steps
         if total_steps is None or total_steps < 1:
             raise LetheError("trainer.max_steps must be a positive number of optimizer steps (the schedule needs it)")
         scheduler = self.scheduler_factory(optimizer, total_steps=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _fsdp_root(self) -> FullyShardedDataParallel | None:
+        """The FSDP module wrapping this one under trainer=fsdp (None otherwise): its parameters'
+        gradients are shards, so norms need all of its ranks."""
+        root = self.trainer.strategy.model
+        return root if isinstance(root, FullyShardedDataParallel) else None
+
     def on_before_optimizer_step(self, optimizer):
         # Lightning calls this before clipping: the logged norm is the raw one.
+        if (root := self._fsdp_root()) is not None:  # the norm over every rank's shard (an infinite bound clips nothing)
+            self.log("train/grad_norm", root.clip_grad_norm_(float("inf")))
+            return
         norms = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
         if norms:
             self.log("train/grad_norm", torch.stack(norms).norm())
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Lightning's FSDP precision refuses norm clipping (torch's clip_grad_norm_ would see one
+        # shard); the FSDP root module clips by the norm over all of them
+        root = self._fsdp_root()
+        if root is not None and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---- checkpoint metadata ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint):

@@ -22,9 +22,12 @@ from lethe.data.tokenizer import tokenizer_fingerprint
 from lethe.errors import ConfigError
 from lethe.files import atomic_write
 from lethe.training.checkpoint import tokenizer_from_files
+from lethe.training.cluster import checkpoint_of_restarted_job
 
 # settings whose change would make a resumed run another run: the data each step sees
 SAME_RUN_KEYS = ("seq_len", "data.batch_size", "trainer.accumulate_grad_batches", "trainer.devices", "trainer.num_nodes")
+# what a checkpoint from before a key was in the config ran with (trainer.num_nodes came with multi-node runs)
+SAME_RUN_DEFAULTS = {"trainer.num_nodes": 1}
 
 
 def run_dir_of(ckpt) -> Path | None:
@@ -43,8 +46,9 @@ def checkpoint_to_resume(cfg: DictConfig) -> str | None:
         raise ConfigError("resume=auto and ckpt_path are exclusive: resume=auto finds the checkpoint in hydra.run.dir")
     if resume == "auto":
         last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
-    return cfg.get("ckpt_path")
+        return str(last) if last.exists() else None  # a file, or a directory of shards (FSDP)
+    # a restarted SLURM job (requeued) continues its run whatever its command says
+    return cfg.get("ckpt_path") or checkpoint_of_restarted_job(cfg.paths.log_dir)
 
 
 def continue_in_place(cfg: DictConfig, ckpt_path) -> Path:
@@ -61,8 +65,9 @@ def check_same_run(ckpt_path, checkpoint: dict, cfg: DictConfig, datamodule) -> 
     if cfg.get("allow_resume_changes"):
         return
     meta, theirs = checkpoint["lethe"], OmegaConf.create(checkpoint["lethe"]["run_config"])
-    changed = [f"{key}={OmegaConf.select(theirs, key)} -> {OmegaConf.select(cfg, key)}" for key in SAME_RUN_KEYS
-               if OmegaConf.select(theirs, key) != OmegaConf.select(cfg, key)]
+    settings = [(key, *(OmegaConf.select(c, key, default=SAME_RUN_DEFAULTS.get(key)) for c in (theirs, cfg)))
+                for key in SAME_RUN_KEYS]
+    changed = [f"{key}={old} -> {new}" for key, old, new in settings if old != new]
     trained, now = cross_document_setting(theirs.get("data")), cross_document_setting(cfg.get("data"))
     if trained != now:
         changed.append(f"data.cross_document={trained} -> {now}")

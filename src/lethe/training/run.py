@@ -12,12 +12,13 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lethe.config import instantiate, validate
+from lethe.config import check_devices, instantiate, task_overrides, validate
 from lethe.data import tokenizer_fingerprint
 from lethe.errors import ConfigError, DataError
 from lethe.files import write_json
 from lethe.metrics import perplexity
 from lethe.models import model_target
+from lethe.models.flops import format_flops, training_flops_per_token
 from lethe.models.matching import describe
 from lethe.training.callbacks import CleanStop, ThroughputMonitor
 from lethe.training.checkpoint import (
@@ -27,6 +28,7 @@ from lethe.training.checkpoint import (
     tokenizer_files,
     tokenizer_from_files,
 )
+from lethe.training.cluster import REQUEUE_SIGNALS, record_job_run, requeue, slurm_environment, slurm_job_id
 from lethe.training.module import LanguageModelTask
 from lethe.training.resume import (
     check_same_run,
@@ -109,12 +111,14 @@ def _instantiate_all(group) -> list:
 
 def train(cfg: DictConfig) -> dict:
     validate(cfg)
+    check_devices(cfg)
     # Lightning prints through its own handler; Hydra's root handler would print each line twice.
     logging.getLogger("lightning.pytorch").propagate = False
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in the saved config
     started = time.perf_counter()
     ckpt_path = checkpoint_to_resume(cfg)
     output_dir = continue_in_place(cfg, ckpt_path) if ckpt_path else Path(cfg.paths.output_dir)
+    record_job_run(output_dir, cfg.paths.log_dir)
 
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
@@ -154,7 +158,7 @@ def train(cfg: DictConfig) -> dict:
     )
     callbacks = _instantiate_all(cfg.callbacks)
     loggers = _instantiate_all(cfg.logger)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO(), *slurm_environment()])
     for split in ("val", "test"):  # an empty shard would leave the other ranks waiting in the loss all-reduce
         if datamodule.num_blocks(split) < trainer.world_size:
             raise DataError(f"the {split} split has {datamodule.num_blocks(split)} blocks, fewer than the "
@@ -163,7 +167,8 @@ def train(cfg: DictConfig) -> dict:
         logger.log_hyperparams(run_config)
 
     if trainer.is_global_zero:
-        log.info("model %s: %s parameters", cfg.run_name, f"{model.num_params():,}")
+        log.info("model %s: %s parameters, %s/token to train at seq_len %d", cfg.run_name, f"{model.num_params():,}",
+                 format_flops(training_flops_per_token(model, cfg.seq_len)), cfg.seq_len)
         for line in model.describe_layers():
             log.info("  %s", line)
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -193,6 +198,9 @@ def train(cfg: DictConfig) -> dict:
         "train_time_s": throughput.summary.get("train_time_s") if throughput else None,
         # training steps alone (no validation or checkpoints), this segment's
         "train_tokens_per_s": throughput.summary.get("train_tokens_per_s") if throughput else None,
+        # analytic, lethe.models.flops: training FLOPs per token at seq_len, and the job's model TFLOP/s
+        "flops_per_token": training_flops_per_token(model, cfg.seq_len),
+        "train_tflops": throughput.summary.get("train_tflops") if throughput else None,
         "wall_time_s": round(time.perf_counter() - started, 2),
         "segments": previous.get("segments", 1) + 1 if previous else 1,
         "corpus_fingerprint": datamodule.fingerprint,
@@ -203,11 +211,17 @@ def train(cfg: DictConfig) -> dict:
         **results,
     }
     if stop:
-        metrics["resume_command"] = resume_command(_task_overrides(), output_dir)
+        metrics["resume_command"] = resume_command(task_overrides(), output_dir)
     if trainer.is_global_zero:
         write_json(output_dir / "metrics.json", metrics)
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
         print_summary(metrics, output_dir, loggers)
+        clean_stop = next(c for c in callbacks if isinstance(c, CleanStop))
+        if stop in REQUEUE_SIGNALS and clean_stop.requeue and slurm_job_id() and checkpoints.get("last"):
+            job = requeue()  # after everything is saved: SLURM may end this process at once
+            if job:
+                print(f"requeued SLURM job {job}: it restarts with the same command and resumes from {checkpoints['last']}",
+                      flush=True)
     _finish_wandb(loggers)
     return metrics
 
@@ -216,17 +230,11 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _task_overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
 def record_failure(cfg: DictConfig, error: str) -> None:
     """failed.json in the run directory: a sweep's report lists the trial as failed, with why."""
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_json(output_dir / "failed.json", {"run_name": cfg.run_name, "error": error, "overrides": _task_overrides()})
+    write_json(output_dir / "failed.json", {"run_name": cfg.run_name, "error": error, "overrides": task_overrides()})
     OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
 
 
