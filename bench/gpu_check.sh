@@ -82,7 +82,7 @@ run() {
 echo "== $DEVICE, commit $COMMIT"
 run kernel-build $PY -m lethe.ops.kernel_build
 run tests $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_scan.py tests/test_kernels.py tests/test_generation.py \
-  tests/test_documents.py tests/test_ssd.py tests/test_ssd_cuda_kernel.py tests/test_hybrid.py
+  tests/test_documents.py tests/test_ssd.py tests/test_ssd_cuda_kernel.py tests/test_hybrid.py tests/test_flops.py
 run scan-bf16 $PY bench/scan.py --device cuda --dtype bfloat16 --rounds 5 --repeats 3
 run scan-fp32 $PY bench/scan.py --device cuda --dtype float32 --rounds 3 --repeats 3 --shapes 8,1536,2048,16 1,1536,8192,16 \
   --ssd-shapes 8,24,64,128,2048

@@ -177,3 +177,21 @@ def test_monitor_logs_tflops_and_mfu_of_a_training_run(tmp_path):
     # both rounded: tokens/s to a whole number, TFLOP/s to 4 significant digits
     rel = 1e-3 + 1 / summary["train_tokens_per_s"]
     assert summary["train_tflops"] == pytest.approx(summary["train_tokens_per_s"] * flops / 1e12, rel=rel)
+
+
+@pytest.mark.gpu
+def test_mfu_on_a_gpu_is_a_fraction_of_the_devices_peak(tmp_path):
+    """On CUDA the peak comes from the device's name (no override): train/mfu is logged, in (0, 1)."""
+    torch.manual_seed(0)
+    model = MambaLM(vocab_size=512, d_model=256, n_layer=4, d_state=16)
+    task = LanguageModelTask(model, optimizer=partial(torch.optim.AdamW, lr=1e-3),
+                             scheduler=partial(warmup_cosine, warmup_steps=1, min_lr=1e-4))
+    tokens = torch.randint(0, 512, (64, 513), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": t[:, :-1], "labels": t[:, 1:]} for t in tokens.split(8)]
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=8, log_every_n_steps=1,
+                        limit_val_batches=0, logger=CSVLogger(tmp_path, name="", version=""), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[ThroughputMonitor()])
+    trainer.fit(task, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    with open(tmp_path / "metrics.csv") as f:
+        mfus = [float(r["train/mfu"]) for r in csv.DictReader(f) if r.get("train/mfu")]
+    assert len(mfus) == 8 and all(0 < m < 1 for m in mfus), mfus
