@@ -59,6 +59,10 @@ def test_launcher_errors_reach_the_prompt_in_one_line():
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and lines[-1].startswith("error: hydra.launcher.tasks_per_node=3 but trainer.devices=2")
     assert "Traceback" not in proc.stderr
+    proc = run_script("train.py", "-m", "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=1,2", check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and lines[-1].startswith("error: the sweep's jobs need different SLURM shapes"), proc.stderr[-2000:]
+    assert "devices=1" in lines[-1] and "devices=2" in lines[-1]
     proc = run_script("train.py", "-m", "hydra/launcher=slurm", "hydra.launcher.partiton=gpu", check=False)
     assert proc.returncode != 0 and "Key 'partiton' not in 'SlurmQueueConf'" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -124,10 +124,12 @@ def test_ctrl_c_stops_cleanly_and_the_printed_command_resumes_exactly(tmp_path, 
 
 
 def slurm_job(tmp_path, **extra) -> dict:
-    """The environment srun gives a one-task SLURM job 4242, with a fake scontrol that records its calls."""
+    """The environment srun gives a one-task SLURM job 4242, with a fake scontrol that records its
+    calls and, as SLURM does, sends the job SIGTERM."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.calls'}\n")
+    # as SLURM does on a requeue: SIGTERM to the job right away (Lethe has everything written by then)
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.calls'}\nkill -TERM $PPID\n")
     (bin_dir / "scontrol").chmod(0o755)
     return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "1",
             "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",

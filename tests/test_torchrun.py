@@ -102,6 +102,7 @@ def test_run_dir_disagreement_names_rank_0s_and_the_first_other():
     (4, 2, ["trainer=ddp", "trainer.num_nodes=2"], True),  # --nnodes 2 --nproc_per_node 2
     (4, 2, ["trainer=ddp"], False),
     (2, 2, [], False),  # trainer=cpu: one device, each rank would train alone
+    (2, 2, ["trainer=ddp", "trainer.devices=1", "trainer.num_nodes=2"], False),  # the right product, per node wrong
     (1, 1, [], True),
 ])
 def test_torchrun_world_must_be_devices_times_nodes(monkeypatch, compose_train, world, per_node, overrides, ok):

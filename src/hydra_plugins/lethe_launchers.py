@@ -60,25 +60,46 @@ def check_local(params: dict, trainer) -> None:
                           "use trainer.devices=1 (or hydra/launcher=slurm, where srun starts the ranks)")
 
 
-def checked(check, params: dict, trainer) -> None:
+def checked(check) -> None:
     """Run a check before submitting: a bad setting is one `error:` line and exit status 2 (Hydra
     would print the traceback of an exception raised here)."""
     from lethe.cli import EXIT_USER_ERROR, print_error
 
     try:
-        check(params, trainer)
+        check()
     except ConfigError as exc:
         print_error(str(exc))
         sys.exit(EXIT_USER_ERROR)
 
 
+def job_shape(trainer) -> tuple:
+    return str(trainer.accelerator), str(trainer.devices), str(OmegaConf.select(trainer, "num_nodes", default=1))
+
+
+def sweep_trainer(launcher, job_overrides):
+    """The Trainer config every job of the sweep runs with. One launch submits every job with the
+    same SLURM shape, so a sweep over the accelerator, devices or nodes is refused: each job's
+    config is composed (only those whose overrides could change the trainer) and compared."""
+    base = launcher.config.trainer
+    shapes = {job_shape(base): "the command line"}
+    for overrides in job_overrides:
+        if any(o.lstrip("+~").startswith(("trainer", "experiment")) for o in overrides):
+            trainer = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides)).trainer
+            shapes.setdefault(job_shape(trainer), " ".join(overrides))
+    if len(shapes) > 1:
+        listed = "; ".join(f"accelerator={a} devices={d} num_nodes={n} ({where})" for (a, d, n), where in shapes.items())
+        raise ConfigError(f"the sweep's jobs need different SLURM shapes ({listed}); one launch gives every job the same "
+                          "tasks, nodes and GPUs: sweep each trainer shape in its own run")
+    return base
+
+
 class LetheSlurmLauncher(SlurmLauncher):
     def launch(self, job_overrides, initial_job_idx):
-        checked(check_slurm, self.params, self.config.trainer)
+        checked(lambda: check_slurm(self.params, sweep_trainer(self, job_overrides)))
         return super().launch(job_overrides, initial_job_idx)
 
 
 class LetheLocalLauncher(LocalLauncher):
     def launch(self, job_overrides, initial_job_idx):
-        checked(check_local, self.params, self.config.trainer)
+        checked(lambda: check_local(self.params, sweep_trainer(self, job_overrides)))
         return super().launch(job_overrides, initial_job_idx)

@@ -146,7 +146,7 @@ def _check_torchrun_ranks(cfg: DictConfig) -> None:
     world = int(os.environ["WORLD_SIZE"])
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     devices, nodes = OmegaConf.select(cfg, "trainer.devices"), OmegaConf.select(cfg, "trainer.num_nodes", default=1)
-    if is_int(devices) and is_int(nodes) and devices * nodes != world:
+    if is_int(devices) and is_int(nodes) and (devices * nodes != world or devices != per_node):
         raise ConfigError(f"trainer.devices={devices} x trainer.num_nodes={nodes} is {devices * nodes} ranks, but torchrun "
                           f"started {world} ({world // per_node} node(s) x {per_node}); set trainer.devices to --nproc_per_node "
                           "and trainer.num_nodes to --nnodes (and trainer=ddp for more than one)")

@@ -23,16 +23,23 @@ def register() -> None:
 class _AfterLmEvalModels(importlib.abc.MetaPathFinder):
     """Finds lm_eval.models as usual, but has its loader call register() once it has run."""
 
+    searching = False
+
     def find_spec(self, name, path=None, target=None):
-        if name != "lm_eval.models":
+        if name != "lm_eval.models" or self.searching:
             return None
-        sys.meta_path.remove(self)  # once, and so find_spec below does not come back here
-        spec = importlib.util.find_spec(name)
+        self.searching = True  # find_spec below asks the finders again: not this one
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self.searching = False
         if spec is not None and spec.loader is not None:
             run_module = spec.loader.exec_module
 
             def exec_then_register(module):
                 run_module(module)
+                if self in sys.meta_path:  # done: once the module has run
+                    sys.meta_path.remove(self)
                 register()
 
             spec.loader.exec_module = exec_then_register

@@ -2,9 +2,9 @@
 
 Ranks started outside Lightning (torchrun, srun) each run train.py, and so Hydra, themselves:
 each composes its own config and names its own run directory, and Hydra's default one holds the
-second that rank started in. Once the process group is up, check_same_run_dir makes every rank
-agree on one (else rank 0 writes the checkpoints and the others their logs elsewhere, and
-resume=auto finds last.ckpt on some ranks only).
+second that rank started in. Once the process group is up, check_same_run_dir refuses ranks
+that do not share one (else rank 0 writes the checkpoints and the others their logs elsewhere,
+and resume=auto finds last.ckpt on some ranks only).
 
 Jobs that hit their time limit or are preempted: on SLURM, the scheduler's warning
 signal (sbatch --signal=USR1@<s>, or submitit's USR2 with hydra/launcher=slurm) stops the run
@@ -81,7 +81,11 @@ def requeue() -> str | None:
     if shutil.which("scontrol") is None:
         log.warning("SLURM job %s cannot requeue itself: scontrol is not on PATH", job)
         return None
-    done = subprocess.run(["scontrol", "requeue", job], timeout=60, capture_output=True, text=True)
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], timeout=60, capture_output=True, text=True)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("SLURM job %s: scontrol requeue failed (%s)", job, first_line(exc))
+        return None
     if done.returncode:
         log.warning("SLURM job %s: scontrol requeue failed (%s)", job, first_line(done.stderr or done.stdout or "no output"))
         return None

@@ -36,8 +36,8 @@ class LanguageModelTask(L.LightningModule):
         self._eval_sums = {}
         # AdamW's groups are chosen now, before a strategy wraps the model: FSDP turns every
         # parameter into a 1-d shard, and param_groups tells matrices from vectors by ndim
-        weight_decay = optimizer.keywords.get("weight_decay", 0.0) if optimizer is not None else 0.0
-        self._param_groups = model.param_groups(weight_decay) if hasattr(model, "param_groups") else None
+        # (a task built only to score or test has no optimizer, and its model may have no groups)
+        self._param_groups = model.param_groups(optimizer.keywords.get("weight_decay", 0.0)) if optimizer else None
 
     def setup(self, stage):
         # on every rank, once Lightning has the process group up (torchrun's or srun's ranks, or its own)

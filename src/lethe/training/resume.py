@@ -44,11 +44,13 @@ def checkpoint_to_resume(cfg: DictConfig) -> str | None:
                           "or ckpt_path=<file.ckpt>")
     if resume == "auto" and cfg.get("ckpt_path"):
         raise ConfigError("resume=auto and ckpt_path are exclusive: resume=auto finds the checkpoint in hydra.run.dir")
+    restarted = checkpoint_of_restarted_job(cfg.paths.log_dir)
+    if restarted:  # a restarted SLURM job continues the run it trained, whatever its command says
+        return restarted
     if resume == "auto":
         last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
         return str(last) if last.exists() else None  # a file, or a directory of shards (FSDP)
-    # a restarted SLURM job (requeued) continues its run whatever its command says
-    return cfg.get("ckpt_path") or checkpoint_of_restarted_job(cfg.paths.log_dir)
+    return cfg.get("ckpt_path")
 
 
 def continue_in_place(cfg: DictConfig, ckpt_path) -> Path:

@@ -5,6 +5,7 @@
 
 import json
 import logging
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -212,17 +213,19 @@ def train(cfg: DictConfig) -> dict:
     }
     if stop:
         metrics["resume_command"] = resume_command(task_overrides(), output_dir)
+    clean_stop = next((c for c in callbacks if isinstance(c, CleanStop)), None)
+    requeue_job = bool(stop in REQUEUE_SIGNALS and clean_stop and clean_stop.requeue and slurm_job_id() and checkpoints.get("last"))
+    if requeue_job:  # SLURM's SIGTERM follows the requeue at once: finish writing first (its KILL comes KillWait later)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if trainer.is_global_zero:
         write_json(output_dir / "metrics.json", metrics)
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
         print_summary(metrics, output_dir, loggers)
-        clean_stop = next(c for c in callbacks if isinstance(c, CleanStop))
-        if stop in REQUEUE_SIGNALS and clean_stop.requeue and slurm_job_id() and checkpoints.get("last"):
-            job = requeue()  # after everything is saved: SLURM may end this process at once
-            if job:
-                print(f"requeued SLURM job {job}: it restarts with the same command and resumes from {checkpoints['last']}",
-                      flush=True)
     _finish_wandb(loggers)
+    if trainer.world_size > 1:  # no rank exits (srun -K ends the others) before rank 0 has written
+        trainer.strategy.barrier("lethe.run_written")
+    if requeue_job and trainer.is_global_zero and (job := requeue()):
+        print(f"requeued SLURM job {job}: it restarts with the same command and resumes from {checkpoints['last']}", flush=True)
     return metrics
 
 
