@@ -167,14 +167,16 @@ def train(cfg: DictConfig) -> dict:
     for logger in loggers:
         logger.log_hyperparams(run_config)
 
+    flops_per_token = training_flops_per_token(model, cfg.seq_len)
     if trainer.is_global_zero:
         log.info("model %s: %s parameters, %s/token to train at seq_len %d", cfg.run_name, f"{model.num_params():,}",
-                 format_flops(training_flops_per_token(model, cfg.seq_len)), cfg.seq_len)
+                 format_flops(flops_per_token), cfg.seq_len)
         for line in model.describe_layers():
             log.info("  %s", line)
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     checkpoints = _checkpoint_paths(trainer)  # before validate/test restore an older callback state
-    stop = next((c.signal for c in callbacks if isinstance(c, CleanStop) and c.signal), None)
+    clean_stop = next((c for c in callbacks if isinstance(c, CleanStop)), None)
+    stop = clean_stop.signal if clean_stop else None
 
     results = {}
     if cfg.test_after_training and not stop:
@@ -200,7 +202,7 @@ def train(cfg: DictConfig) -> dict:
         # training steps alone (no validation or checkpoints), this segment's
         "train_tokens_per_s": throughput.summary.get("train_tokens_per_s") if throughput else None,
         # analytic, lethe.models.flops: training FLOPs per token at seq_len, and the job's model TFLOP/s
-        "flops_per_token": training_flops_per_token(model, cfg.seq_len),
+        "flops_per_token": flops_per_token,
         "train_tflops": throughput.summary.get("train_tflops") if throughput else None,
         "wall_time_s": round(time.perf_counter() - started, 2),
         "segments": previous.get("segments", 1) + 1 if previous else 1,
@@ -213,8 +215,7 @@ def train(cfg: DictConfig) -> dict:
     }
     if stop:
         metrics["resume_command"] = resume_command(task_overrides(), output_dir)
-    clean_stop = next((c for c in callbacks if isinstance(c, CleanStop)), None)
-    requeue_job = bool(stop in REQUEUE_SIGNALS and clean_stop and clean_stop.requeue and slurm_job_id() and checkpoints.get("last"))
+    requeue_job = bool(stop in REQUEUE_SIGNALS and clean_stop.requeue and slurm_job_id() and checkpoints.get("last"))
     if requeue_job:  # SLURM's SIGTERM follows the requeue at once: finish writing first (its KILL comes KillWait later)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if trainer.is_global_zero:
